@@ -41,6 +41,8 @@ def test_write_synthetic_rejects_bad_arguments(tmp_path):
         synth.write_synthetic("brats", str(tmp_path), 1, naming="2022")
     with pytest.raises(ValueError, match="dialect must be one of"):
         synth.write_synthetic("msd", str(tmp_path), 1, dialect="nnunetv1")
+    assert os.path.isdir(os.path.join(synth.write_synthetic("brats", str(tmp_path / "n"), 1, naming=2023),
+                                      "BraTS-GLI-00000-000"))  # CLI values arrive YAML-typed
     with pytest.raises(TypeError, match="colour"):
         synth.write_synthetic("camus", str(tmp_path), 1, colour=True)
 

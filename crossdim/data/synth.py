@@ -162,9 +162,10 @@ def brats_case_id(index: int, naming: str) -> str:
     return f"BraTS2021_{index:05d}" if naming == "2021" else f"BraTS-GLI-{index:05d}-000"
 
 
-def write_brats(out: str, cases: int, seed: int = 0, *, naming: str = "2021",
+def write_brats(out: str, cases: int, seed: int = 0, *, naming: str | int = "2021",
                 shape: Sequence[int] = SHAPE_3D, spacing: Sequence[float] = SPACING_3D,
                 oblique: bool = False) -> str:
+    naming = str(naming)  # `--opt naming=2023` arrives as an int
     _choice("naming", naming, ("2021", "2023"))
     layout = naming_for(f"brats{naming}")
     affine = make_affine(shape, spacing, oblique)
