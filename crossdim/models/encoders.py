@@ -10,11 +10,14 @@ from __future__ import annotations
 import difflib
 import io
 import os
+import pickle
 from typing import Any, Literal, Mapping, Sequence
 
 import timm
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 FirstFeature = Literal["timm", "stem"]
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -149,11 +152,9 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
     data = storage.read_bytes(source)
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load as load_safetensors
-
             return load_safetensors(data)
         return _unwrap(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), source)
-    except (RuntimeError, ValueError, OSError) as exc:
+    except (RuntimeError, OSError, SafetensorError, pickle.UnpicklingError) as exc:
         raise ValueError(f"pretrained weights {source!r} could not be read: {str(exc).splitlines()[0]}") from None
 
 
