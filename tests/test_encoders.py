@@ -209,3 +209,13 @@ def test_match_state_dict_drops_head_keys_only() -> None:
     assert sorted(mapped) == ["stages_0.x", "stem_0.weight"]
     assert missing == ["stages_1.z"]
     assert unexpected == ["stages.0.y"]
+
+
+def test_weights_from_s3(moto_s3, rgb_encoder_file) -> None:
+    rgb, path = rgb_encoder_file
+    with open(path, "rb") as f:
+        moto_s3.client().put_object(Bucket=moto_s3.bucket, Key="weights/enc.safetensors", Body=f.read())
+    encoder = TimmEncoder("test_efficientnet", pretrained=moto_s3.uri("weights/enc.safetensors"))
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(_features(encoder, x), _features(rgb, x), strict=True):
+        assert torch.equal(a, b)

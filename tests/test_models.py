@@ -274,3 +274,15 @@ def test_unknown_names_list_the_options() -> None:
         create_model("unet", encoder="test_efficientnet", in_channels=1, num_classes=2)
     with pytest.raises(ValueError, match=r"unknown timm encoder 'resnet_18'.*resnet18"):
         create_model("omnianet", encoder="resnet_18", in_channels=1, num_classes=2)
+
+
+def test_checkpoint_round_trip_through_s3(moto_s3) -> None:
+    model = _model("omnianet", "test_efficientnet", 1).eval()
+    uri = save_model(model, moto_s3.uri("runs/1/model"), extra={"note": "s3"})
+    assert moto_s3.keys("runs/1/model") == ["runs/1/model/config.json", "runs/1/model/model.safetensors"]
+    loaded = load_model(uri)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match=r"no crossdim model checkpoint at 's3://.*/runs/2'"):
+        load_model(moto_s3.uri("runs/2"))
