@@ -146,6 +146,17 @@ def test_heavy_encoders_convert_with_declared_channels_and_isotropic_reductions(
     assert all(torch.isfinite(f).all() for f in feats)
 
 
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_convnext"])
+def test_full_classifiers_inflate_with_their_pooling_heads(name: str) -> None:
+    model_2d = _randomize(timm.create_model(name, pretrained=False, num_classes=5)).eval()
+    model_3d = inflate(model_2d, "center")
+    x2 = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        logits_2d, logits_3d = model_2d(x2), model_3d(_depth_constant(x2, DHW[0]))
+    assert logits_3d.shape == (2, 5)
+    torch.testing.assert_close(logits_3d, logits_2d, atol=1e-4, rtol=1e-4)
+
+
 # ---- repeat mode ---------------------------------------------------------------------------------
 
 
@@ -302,7 +313,7 @@ def test_pure_state_dict_inflation_matches_the_module_converter(mode: str) -> No
     # ...so a fresh (random) inflation loads the pure weights strictly: names are deterministic
     fresh = inflate(_features_only("test_convnext"), mode)
     fresh.load_state_dict(pure, strict=True)
-    x = torch.randn(1, 3, 16, 32, 32)
+    x = torch.randn(1, 3, *DHW)
     with torch.no_grad():
         for a, b in zip(fresh(x), model_3d(x)):
             torch.testing.assert_close(a, b)

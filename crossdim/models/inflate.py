@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (
     BatchNormAct2d,
+    Linear as TimmLinear,
     Conv2dSame,
     DropPath,
     GroupNorm,
@@ -303,7 +304,8 @@ def _layernorm3d(norm: nn.LayerNorm, spec: _Spec) -> nn.Module:
 def _maxpool3d(pool: nn.MaxPool2d, spec: _Spec, cls: type[nn.MaxPool3d] = nn.MaxPool3d) -> nn.Module:
     if pool.return_indices:
         raise _Unsupported("return_indices=True")
-    return cls(_iso(pool.kernel_size), _iso(pool.stride), _iso(pool.padding), _iso(pool.dilation), ceil_mode=pool.ceil_mode)
+    geometry = (_iso(pool.kernel_size), _iso(pool.stride), _iso(pool.padding), _iso(pool.dilation))
+    return cls(*geometry, ceil_mode=pool.ceil_mode)
 
 
 def _maxpool3d_same(pool: nn.MaxPool2d, spec: _Spec) -> nn.Module:
@@ -355,7 +357,9 @@ def _upsample3d(up: nn.Upsample, spec: _Spec) -> nn.Module:
         raise _Unsupported(f"a 2D target size {up.size} fixes no depth")
     if up.mode not in _INTERPOLATE_MODES:
         raise _Unsupported(f"mode {up.mode!r} has no 3D equivalent")
-    scale = up.scale_factor if up.scale_factor is None or isinstance(up.scale_factor, (int, float)) else _iso(up.scale_factor)
+    scale = up.scale_factor
+    if isinstance(scale, (tuple, list)):
+        scale = _iso(scale)
     return nn.Upsample(up.size, scale, _INTERPOLATE_MODES[up.mode], up.align_corners)
 
 
@@ -398,7 +402,7 @@ def _passthrough_kind(module: nn.Module) -> str | None:
     kind = type(module)
     if kind in _ELEMENTWISE_MODULES or kind is DropPath or kind.__module__ in _TIMM_ACTIVATION_MODULES:
         return "any"
-    if kind in (nn.Linear, nn.LayerNorm, LayerNorm):
+    if kind in (nn.Linear, TimmLinear, nn.LayerNorm, LayerNorm):
         return "channels_last"
     if kind in (nn.GroupNorm, GroupNorm, GroupNorm1):
         return "channels_first"
@@ -671,17 +675,20 @@ def _pad(node: fx.Node, vals: Mapping[fx.Node, _Val]) -> _Val:
     return _Val(tags=tags)
 
 
-def _retarget(target: Callable[..., Any], iso_args: Sequence[tuple[int, str]]) -> FnRule:
-    """Functional pools: -> their 3D function, geometry arguments made isotropic."""
+def _retarget(
+    target: Callable[..., Any], iso_args: Sequence[tuple[int, str]], reject: tuple[int, str] | None = None
+) -> FnRule:
+    """Functional pools -> their 3D function, geometry arguments made isotropic; `reject`: an
+    argument (return_indices, divisor_override) that must be unset."""
 
     def rule(node: fx.Node, vals: Mapping[fx.Node, _Val]) -> _Val:
         _require_nchw(node, vals)
-        if _arg(node, 6, "return_indices", False) is True and target is F.max_pool3d:
-            raise _Unsupported("return_indices=True")
+        if reject is not None and _arg(node, *reject) not in (None, False):
+            raise _Unsupported(f"{reject[1]} is set")
         for pos, name in iso_args:
             value = _arg(node, pos, name)
             if value is not None:
-                fix = _iso_optional if "output" in name else _iso
+                fix = _iso_optional if name == "output_size" else _iso
                 _set_arg(node, pos, name, fix(value))
         node.target = target
         return _Val(tags=_NCHW)
@@ -704,7 +711,7 @@ def _interpolate(node: fx.Node, vals: Mapping[fx.Node, _Val]) -> _Val:
 
 
 def _channel_rule(dim_tag: str, tag_pos: int) -> FnRule:
-    """Functional norms that act on one dim for any rank (layer_norm: last; batch/group_norm: 1)."""
+    """Functional ops that act on one dim for any rank (linear, layer_norm: last; batch/group_norm: 1)."""
 
     def rule(node: fx.Node, vals: Mapping[fx.Node, _Val]) -> _Val:
         tags = _spatial_input(node, vals)
@@ -745,12 +752,11 @@ def _fn_rules() -> dict[Any, FnRule]:
     rules.update({operator.getitem: _getitem, F.pad: _pad, F.interpolate: _interpolate})
     rules.update({getattr: _shape_query, "size": _shape_query, "dim": _shape_query})
     rules[F.adaptive_avg_pool2d] = _retarget(F.adaptive_avg_pool3d, [(1, "output_size")])
-    rules[F.adaptive_max_pool2d] = _retarget(F.adaptive_max_pool3d, [(1, "output_size")])
-    rules[F.avg_pool2d] = _retarget(F.avg_pool3d, [(1, "kernel_size"), (2, "stride"), (3, "padding")])
-    rules[F.max_pool2d] = _retarget(
-        F.max_pool3d, [(1, "kernel_size"), (2, "stride"), (3, "padding"), (4, "dilation")]
-    )
-    rules[F.layer_norm] = _channel_rule("C", -1)
+    rules[F.adaptive_max_pool2d] = _retarget(F.adaptive_max_pool3d, [(1, "output_size")], (2, "return_indices"))
+    pool_geometry = [(1, "kernel_size"), (2, "stride"), (3, "padding")]
+    rules[F.avg_pool2d] = _retarget(F.avg_pool3d, pool_geometry, (6, "divisor_override"))
+    rules[F.max_pool2d] = _retarget(F.max_pool3d, [*pool_geometry, (4, "dilation")], (6, "return_indices"))
+    rules[F.layer_norm] = rules[F.linear] = _channel_rule("C", -1)
     for fn in (F.batch_norm, F.group_norm, F.instance_norm):
         rules[fn] = _channel_rule("C", 1)
     return rules
