@@ -45,6 +45,7 @@ class PreprocessConfig(Strict):
     seed: int = 0
     concurrency: int | None = Field(None, ge=1)  # Ray Data tasks in flight; None: Ray decides
     max_cases: int | None = Field(None, ge=1)
+    plan_sample_cases: int = Field(64, ge=1)  # cases measured to fit the plan (spacing, CT statistics)
 
 
 # ----------------------------------------------------------------------------- models / training
