@@ -30,7 +30,9 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 from urllib.parse import urlparse, urlunparse
@@ -46,6 +48,7 @@ MODEL_NAME = "model"  # the run's model: runs:/<run_id>/model
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact key (and folder under artifacts/)
 PROBE_TIMEOUT_S = 5
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth)", re.I)
+_USERINFO = re.compile(r"//[^/@\s]+@")
 _SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|API_KEY)", re.I)
 
 
@@ -71,6 +74,14 @@ def redact_uri(uri: str) -> str:
     host = parsed.hostname or ""
     netloc = f"{host}:{parsed.port}" if parsed.port else host
     return urlunparse(parsed._replace(netloc=netloc))
+
+
+def scrub(text: str) -> str:
+    """Free text (e.g. an error message) without user:password@ in URLs or secrets from the environment."""
+    text = _USERINFO.sub("//", text)
+    for value in _secret_values():
+        text = text.replace(value, "***")
+    return text
 
 
 def _secret_values() -> list[str]:
@@ -135,7 +146,7 @@ def check_tracking(uri: str) -> None:
         with _short_http_timeouts():
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        detail = scrub(str(exc).strip().splitlines()[0][:200]) if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"MLflow tracking server {redact_uri(uri)} is unreachable: {detail}") from None
 
 
@@ -151,7 +162,7 @@ def experiment_id(uri: str, experiment: str, storage_path: str) -> str:
     if found is not None:
         return found.experiment_id
     location = None
-    if uri == default_tracking_uri(storage_path):  # keep local artifacts next to the local db
+    if uri.startswith("sqlite:///"):  # local store: artifacts next to the db, not in the cwd
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     return client.create_experiment(experiment, artifact_location=location)
 
@@ -199,7 +210,9 @@ def log_dataset(client: Any, run_id: str, manifest_uri: str, manifest: Mapping[s
 
     uri = redact_uri(manifest_uri)
     try:
-        source = resolve_dataset_source(uri if "://" in uri else Path(uri).resolve().as_uri())
+        with warnings.catch_warnings():  # local paths match two equivalent source classes; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri if "://" in uri else Path(uri).resolve().as_uri())
     except Exception:  # noqa: BLE001 - unknown schemes fall back to a plain HTTP-style source
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 
@@ -265,6 +278,14 @@ def render_overlay(overlay: "Overlay") -> Any:
 
 
 # ----------------------------------------------------------------------------- the model
+MODEL_CODE = """\
+# crossdim pyfunc model (MLflow models-from-code): the checkpoint directory is the artifact.
+import mlflow.models
+
+from crossdim.tracking import CrossdimPyfunc
+
+mlflow.models.set_model(CrossdimPyfunc())
+"""
 PIP_REQUIREMENTS = ("torch", "timm", "monai", "safetensors", "numpy", "pydantic")
 
 
@@ -301,7 +322,7 @@ class CrossdimPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
         self.model = load_model(directory).eval()
         self.info = read_dataset_info(directory)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         return predict_label_map(self.model, self.info, np.asarray(model_input, dtype=np.float32))
 
 
@@ -338,8 +359,12 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint_dir: str) -> str:
     example = np.zeros((channels, *info["window"]["roi_size"][:dims]), dtype=np.float32)
     if len(info["window"]["roi_size"]) < dims:  # 2D model on 3D data: a thin stack of slices
         example = np.zeros((channels, 2, *info["window"]["roi_size"]), dtype=np.float32)
-    with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=CrossdimPyfunc(),
+    with tempfile.TemporaryDirectory(prefix="crossdim-pyfunc-") as tmp, _tracking_uri(uri), \
+            mlflow.start_run(run_id=run_id):
+        code = os.path.join(tmp, "crossdim_model.py")  # MLflow "models from code": nothing pickled
+        with open(code, "w") as f:
+            f.write(MODEL_CODE)
+        mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=code,
                                 artifacts={CHECKPOINT_ARTIFACT: checkpoint_dir}, pip_requirements=_pip_requirements(),
                                 signature=signature, input_example=example)
     return f"runs:/{run_id}/{MODEL_NAME}"
@@ -359,12 +384,17 @@ def register(uri: str, model_uri: str, name: str, alias: str | None = None) -> s
 
 @contextlib.contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
-    """Point the fluent MLflow API at `uri` for a block, then restore the previous setting."""
+    """Point the fluent MLflow API (needed by `log_model`) at `uri` for a block, then restore
+    exactly the previous state: the global setting (MLflow keeps it in a module variable) and
+    $MLFLOW_TRACKING_URI (which `set_tracking_uri` also writes)."""
     import mlflow
+    from mlflow.tracking._tracking_service import utils
 
-    previous = mlflow.get_tracking_uri()
+    saved_global, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(saved_global)
+        if saved_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env

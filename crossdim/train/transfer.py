@@ -6,8 +6,10 @@
 - a weights file / URI (`.safetensors`, `.pt`, `.pth`, `.bin`): encoder weights, passed to
   `create_model(pretrained=<file>)` (the model builders load them strictly);
 - a crossdim checkpoint: a directory (local or s3://) with config.json + model.safetensors,
-  `runs:/<id>/model` or `models:/name@alias` (an MLflow pyfunc logged by crossdim.tracking). Its
-  stem and encoder weights are transferred by name (`transfer_state`):
+  `runs:/<id>/model` or `models:/name@alias` (an MLflow pyfunc logged by crossdim.tracking).
+  A DX-Net target gets the source's 2D encoder (+ stem) inflated with `init.inflate_mode`
+  (`inflate_into_dxnet`: DX-Net's `split_2d_state` + the pure `inflate_state_dict`); other
+  targets take its stem and encoder weights by name (`transfer_state`):
   * same shape -> copied (a 2D model into a 2D model, a DS-Net's inner Omnia-Net: keys under
     `net2d.` take the source's keys without that prefix where shapes allow);
   * a 2D conv kernel (O, I, kh, kw) into a 3D one (O, I, d, kh, kw) -> inflated with
@@ -190,9 +192,43 @@ def transfer_weights(model: nn.Module, source: nn.Module, mode: str = "repeat", 
     return report
 
 
+def inflate_into_dxnet(model: nn.Module, source: Mapping[str, torch.Tensor], mode: str,
+                       name: str = "") -> TransferReport:
+    """A DX-Net's encoder (+ stem) from a 2D Omnia-Net state: DX-Net's own key split, then
+    `inflate_state_dict(..., mode)` (pure), loaded strictly."""
+    from crossdim.models.dxnet import split_2d_state
+    from crossdim.models.inflate import inflate_state_dict
+
+    encoder_2d, stem_2d = split_2d_state(source)
+    report = TransferReport(source=name)
+    parts = [("encoder", model.encoder, encoder_2d)]
+    if stem_2d and getattr(model, "has_stem", False):
+        parts.append(("stem", model.stem, stem_2d))
+    for prefix, module, state in parts:
+        inflated = inflate_state_dict(state, mode)  # type: ignore[arg-type]
+        try:
+            module.load_state_dict(inflated, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+            raise ValueError(f"init.pretrained {name}: its 2D {prefix} does not fit this DX-Net ({detail[:300]})") from None
+        for key, value in state.items():
+            (report.inflated if value.ndim == 4 else report.copied).append(f"{prefix}.{key}")
+    return report
+
+
 def initialize_model(model: nn.Module, init: InitConfig, tracking_uri: str | None = None) -> TransferReport | None:
-    """Apply a crossdim-checkpoint source to a freshly built model (other kinds act in create_model)."""
+    """Apply a crossdim-checkpoint source to a freshly built model (other kinds act in create_model).
+
+    DX-Net targets inflate the source's encoder and stem (`inflate_into_dxnet`); every other
+    target takes what fits by name (`transfer_weights`).
+    """
     if source_kind(init.pretrained) != "checkpoint":
         return None
     ref = str(init.pretrained)
-    return transfer_weights(model, load_source_model(ref, tracking_uri), init.inflate_mode, ref)
+    source = load_source_model(ref, tracking_uri)
+    if getattr(source, "spatial_dims", 2) == 2 and hasattr(model, "load_2d_state"):
+        report = inflate_into_dxnet(model, source.state_dict(), init.inflate_mode, ref)
+    else:
+        report = transfer_weights(model, source, init.inflate_mode, ref)
+    log.info("init.pretrained %s: %d tensors copied, %d inflated", ref, len(report.copied), len(report.inflated))
+    return report

@@ -1,0 +1,45 @@
+"""Ingest: the fold's Ray Datasets -> each worker's decoded cases.
+
+Every Ray Dataset is cut into one-row blocks and handed to the workers by ONE
+`streaming_split(num_workers, equal=False)` (`CaseSplit`): Ray's splitter gives each next block
+to the worker holding the fewest rows, so every case reaches exactly one worker and shares
+differ by at most one case. (Ray's default DataConfig uses `equal=True`, which drops up to
+num_workers - 1 cases; one dataset iterator per worker would start one Ray Data execution per
+worker, which deadlocks when only a CPU or so is left for Ray Data.)
+
+Workers stream their share once (`iter_rows`) and keep it decoded in memory: cases are small
+and training draws many patches from each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.train import DataConfig
+
+
+class CaseSplit(DataConfig):
+    """Split every dataset over the workers without dropping rows (see the module docstring)."""
+
+    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
+                  worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                output[rank][name] = split
+        return output
+
+
+def one_case_per_block(ds: Any) -> Any:
+    """Blocks of one row each, so the splitter can balance cases (not shard files)."""
+    return ds.repartition(target_num_rows_per_block=1)
+
+
+def load_cases(name: str) -> list[Any]:
+    """This worker's share of dataset `name`, streamed from Ray Data and decoded, sorted by id."""
+    import ray.train
+
+    from crossdim.data.shards import decode_row
+
+    shard = ray.train.get_dataset_shard(name)
+    return sorted((decode_row(row) for row in shard.iter_rows()), key=lambda c: c.id)
