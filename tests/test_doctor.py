@@ -260,3 +260,24 @@ def test_torch_row_lists_gpus(monkeypatch):
 ])
 def test_mlflow_failures_get_specific_fixes(message, hint):
     assert hint in doctor._mlflow_fix(message)
+
+
+def test_main_checks_the_storage_and_tracking_of_a_train_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"storage_path: {tmp_path / 'runs'}\ntracking:\n  tracking_uri: sqlite:///{tmp_path / 'm.db'}\n")
+    code = doctor.main(doctor_args(config=config, json=True))
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert code == 0
+    assert rows["storage"]["detail"].startswith(f"{tmp_path / 'runs'}: will be created")
+    assert rows["mlflow"]["detail"].startswith(f"sqlite:///{tmp_path / 'm.db'}: local store")
+
+
+def test_main_reports_a_bad_config_field_in_one_line(tmp_path):
+    from crossdim.config import ConfigError
+
+    config = tmp_path / "train.yaml"
+    config.write_text("storage_pth: /tmp/x\n")
+    with pytest.raises(ConfigError, match="field 'storage_pth': unknown field"):
+        doctor.main(doctor_args(config=config))
