@@ -19,7 +19,9 @@ INFRA = ROOT / "infra"
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
 KUBERAY = INFRA / "kuberay"
 STACK = INFRA / "local-stack"
-DEPLOY_FILES = [CLUSTER_YAML, *sorted(p for p in INFRA.rglob("*") if p.is_file())]
+# A local infra/local-stack/.env is git-ignored and holds real local secrets by design: not scanned.
+DEPLOY_FILES = [CLUSTER_YAML, *sorted(p for p in INFRA.rglob("*")
+                                      if p.is_file() and p.name != ".env" and "__pycache__" not in p.parts)]
 
 
 # ----------------------------------------------------------------------------- helpers
