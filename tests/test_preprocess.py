@@ -95,7 +95,8 @@ def test_resampling_to_another_spacing_then_inverting_is_close():
     organ, organ_back = case.label > 0, back > 0
     dice = 2 * (organ & organ_back).sum() / (organ.sum() + organ_back.sum())
     assert dice > 0.9 and (back == case.label).mean() > 0.97
-    np.testing.assert_allclose(_world_centroid(label, out_affine, 1), _world_centroid(case.label, AFFINE_3D, 1), atol=1.0)
+    np.testing.assert_allclose(_world_centroid(label, out_affine, 1), _world_centroid(case.label, AFFINE_3D, 1),
+                               atol=1.0)
 
 
 def test_linear_inversion_of_probabilities():

@@ -102,7 +102,8 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> dict[str,
         return _summary(previous, output, started, up_to_date=True, reused=len(previous["shards"]))
     if previous is not None:
         old = str(previous.get("fingerprint"))
-        why = "shard files missing or changed" if old == fingerprint else f"fingerprint changed ({old[:16]} -> {fingerprint[:16]})"
+        why = ("shard files missing or changed" if old == fingerprint
+               else f"fingerprint changed ({old[:16]} -> {fingerprint[:16]})")
         _say(f"rebuilding {output}: {why}")
         storage.delete(storage.join(output, shards.MANIFEST_NAME))
     state = load_or_fit_plan(config, info, cases, fingerprint)
@@ -232,8 +233,8 @@ def sample_cases(cases: Sequence[Case], count: int) -> list[Case]:
 def estimate_case_bytes(fingerprints: Sequence[dict[str, Any]], plan: PreprocessPlan) -> int:
     """Mean uncompressed row size (image + label) after resampling, from the plan's sample."""
     itemsize = np.dtype(plan.image_dtype).itemsize
-    sizes = [int(np.prod(resampled_shape(f["shape"], f["spacing"], plan.target_spacing))) * (f["channels"] * itemsize + 1)
-             for f in fingerprints]
+    sizes = [int(np.prod(resampled_shape(f["shape"], f["spacing"], plan.target_spacing)))
+             * (f["channels"] * itemsize + 1) for f in fingerprints]
     return int(np.mean(sizes)) if sizes else 1
 
 
@@ -419,7 +420,7 @@ def _done_record(output: str, index: int, fingerprint: str) -> dict[str, Any] | 
 def _shard_line(record: dict[str, Any], done: int, total: int) -> str:
     entry = record["entry"] or {"file": shards.shard_name(record["index"]), "bytes": 0}
     return (f"{entry['file']}: {len(record['cases'])} case(s), {len(record['quarantined'])} quarantined, "
-            f"{entry['bytes'] / 1e6:.1f} MB ({done}/{total})")
+            f"{_size(entry['bytes'])} ({done}/{total})")
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -465,7 +466,7 @@ def dataset_statistics(stats: dict[str, dict[str, Any]], target_spacing: list[fl
                       for c, name in enumerate(info.channel_names)},
         "intensity_basis": "raw intensities over foreground voxels (label > 0, else non-zero); "
                            f"percentiles from up to {STATS_SAMPLE} sampled voxels per case",
-        "class_frequencies": {value: count / total for value, count in sorted(classes.items(), key=lambda kv: int(kv[0]))},
+        "class_frequencies": {value: classes[value] / total for value in sorted(classes, key=int)},
     }
 
 
@@ -495,6 +496,10 @@ def _cleanup(output: str, manifest: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- summary
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 1e6 else f"{num_bytes / 1e3:.1f} kB"
+
+
 def _summary(manifest: dict[str, Any], output: str, started: float, up_to_date: bool, reused: int) -> dict[str, Any]:
     return {
         "output": output,
@@ -512,7 +517,7 @@ def _summary(manifest: dict[str, Any], output: str, started: float, up_to_date: 
 
 def _summary_text(summary: dict[str, Any]) -> str:
     lines = [f"wrote {summary['cases_written']} case(s) in {summary['shards']} shard(s), "
-             f"{summary['bytes'] / 1e6:.1f} MB, {len(summary['quarantined'])} quarantined, "
+             f"{_size(summary['bytes'])}, {len(summary['quarantined'])} quarantined, "
              f"{summary['seconds']:.1f} s -> {summary['output']}"]
     lines += [f"  quarantined {q['id']}: {q['reason']}" for q in summary["quarantined"]]
     return "\n".join(lines)

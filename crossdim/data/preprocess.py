@@ -194,7 +194,8 @@ def preprocess_case(loaded: LoadedCase, info: DatasetInfo, plan: PreprocessPlan
     geometry["source_files"] = list(loaded.source_files)
     label_np = None if label is None else np.rint(label.as_tensor().numpy()[0]).astype(np.uint8)
     affine = np.asarray(image.affine.numpy(), dtype=np.float64)
-    return image.as_tensor().numpy().astype(np.float32), label_np, tuple(geometry["preprocessed_spacing"]), affine, geometry
+    spacing = tuple(geometry["preprocessed_spacing"])
+    return image.as_tensor().numpy().astype(np.float32), label_np, spacing, affine, geometry
 
 
 def preprocess_image_for_inference(image: np.ndarray, affine: np.ndarray, plan: PreprocessPlan
