@@ -146,7 +146,7 @@ def mlflow_server(moto_s3, tmp_path, monkeypatch) -> str:
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_http(url + "/health", 90, proc)
+            wait_http(url + "/health", 240, proc)
         except Exception:
             log.flush()
             raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}") from None
