@@ -1,0 +1,171 @@
+"""Benchmark 4 - model cost: forward+backward time and peak memory per training step.
+
+3D nets on one (1, 4, P, P, P) patch (batch 2 in --quick), 3 output channels (BraTS):
+- DX-Net: the `dxnet_brats` preset (EfficientNet-b0 inflated to 3D, full-resolution stem);
+- MONAI `FlexibleUNet(backbone="efficientnet-b0", spatial_dims=3, pretrained=False)`;
+- MONAI `DynUNet` configured as nnU-Net plans a P^3 patch (5 stages, strides 1,2,2,2,2,
+  filters 32..320, instance norm, leaky ReLU);
+- DS-Net (`dsnet`, EfficientNet-b0) on the same patch.
+2D: Omnia-Net (EfficientNet-b0) on P slices of P x P: the same number of voxels as one patch.
+Each model runs in its own process: the median of `steps` timed steps after one warm-up step;
+memory = the step's peak RSS above the RSS before it (VmHWM after resetting it through
+/proc/self/clear_refs), or torch.cuda.max_memory_allocated on a GPU. P is 64 on CPU (batch 1);
+`--patch96` gives the issue's 96^3 (meant for a GPU).
+Goal: DX-Net <= 1.0x FlexibleUNet-3D (time and memory).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from bench.common import BenchOptions, ChildResult, Figure, Goal, emit, median, ratio, run_child, say
+
+MODELS = ("dxnet", "flexible_unet", "dynunet", "dsnet", "omnianet_slices")
+IN_CHANNELS, NUM_CLASSES = 4, 3
+
+
+class CostSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    patch: int
+    steps: int
+    batch: int = 1  # quick mode needs 2: batch norm at 1 x 1 x 1 needs more than one value
+    encoder: str = "efficientnet_b0"  # timm name; MONAI's FlexibleUNet takes "efficientnet-b0"
+
+
+def settings(opts: BenchOptions) -> CostSettings:
+    if opts.quick:
+        return CostSettings(patch=32, steps=1, batch=2, encoder="test_efficientnet")
+    return CostSettings(patch=96 if opts.patch96 else 64, steps=3)
+
+
+# ----------------------------------------------------------------------------- builders (child side)
+def dynunet_plan(patch: int) -> dict[str, Any]:
+    """nnU-Net's rule: halve while the feature map stays >= 4 voxels, at most 5 downsamplings (pure)."""
+    strides, size = [1], patch
+    while size // 2 >= 4 and len(strides) < 6:
+        strides.append(2)
+        size //= 2
+    filters = [min(32 * 2**i, 320) for i in range(len(strides))]
+    return {"kernel_size": [3] * len(strides), "strides": strides, "upsample_kernel_size": strides[1:],
+            "filters": filters}
+
+
+def build(name: str, s: CostSettings) -> tuple[Any, tuple[int, ...]]:
+    """(model, input shape) of one benchmarked net."""
+    from crossdim.models import create_model
+
+    volume = (s.batch, IN_CHANNELS, s.patch, s.patch, s.patch)
+    if name == "dxnet":
+        if s.encoder == "efficientnet_b0":
+            return create_model("dxnet_brats", pretrained=False), volume
+        return create_model("dxnet", encoder=s.encoder, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES), volume
+    if name == "flexible_unet":
+        from monai.networks.nets import FlexibleUNet
+
+        backbone = "efficientnet-b0"  # MONAI has no tiny test backbone; quick mode still uses b0
+        return FlexibleUNet(IN_CHANNELS, NUM_CLASSES, backbone, pretrained=False, spatial_dims=3), volume
+    if name == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        return DynUNet(3, IN_CHANNELS, NUM_CLASSES, **dynunet_plan(s.patch)), volume
+    if name == "dsnet":
+        return create_model("dsnet", encoder=s.encoder, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES), volume
+    if name == "omnianet_slices":
+        model = create_model("omnianet", encoder=s.encoder, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
+        return model, (s.batch * s.patch, IN_CHANNELS, s.patch, s.patch)
+    raise ValueError(f"model: {name!r} is not one of {', '.join(MODELS)}")
+
+
+def vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def measure(name: str, patch: int, steps: int, batch: int, encoder: str) -> dict[str, Any]:
+    """Child process: time `steps` forward+backward steps of one model; peak memory of a step."""
+    import torch
+
+    s = CostSettings(patch=patch, steps=steps, batch=batch, encoder=encoder)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model, shape = build(name, s)
+    model = model.to(device).train()
+    x = torch.randn(shape, device=device)
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        out = model(x)
+        out.float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    step()  # warm-up: one-time allocations, lazy initialisation
+    model.zero_grad(set_to_none=True)
+    peak_mib = peak_step_memory(step, device)
+    times = [step() for _ in range(steps)]
+    params = sum(p.numel() for p in model.parameters())
+    return {"seconds": median(times), "times": times, "peak_mib": peak_mib, "params": params,
+            "device": device.type, "input": list(shape), "threads": torch.get_num_threads()}
+
+
+def peak_step_memory(step: Any, device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = vm_kib("VmRSS")
+    reset_peak_rss()
+    step()
+    return (vm_kib("VmHWM") - before) / 1024
+
+
+# ----------------------------------------------------------------------------- driver
+def figures(results: dict[str, ChildResult], s: CostSettings) -> list[Figure]:
+    out = []
+    for name, r in results.items():
+        res = r.result
+        out.append(Figure(f"model_{name}_step_s", res["seconds"], " s",
+                          note=f"input {'x'.join(map(str, res['input']))}, {res['params'] / 1e6:.2f}M params, "
+                               f"{res['device']}, {res['threads']} thread(s)"))
+        out.append(Figure(f"model_{name}_step_peak_mib", res["peak_mib"], " MiB"))
+    dx, flex = results["dxnet"].result, results["flexible_unet"].result
+    out += [
+        Figure("model_dxnet_vs_flexible_unet_time", ratio(dx["seconds"], flex["seconds"], "flexible_unet time"), "x",
+               Goal("<=", 1.0)),
+        Figure("model_dxnet_vs_flexible_unet_memory", ratio(dx["peak_mib"], flex["peak_mib"], "flexible_unet memory"),
+               "x", Goal("<=", 1.0)),
+    ]
+    for other in ("dynunet", "dsnet", "omnianet_slices"):
+        res = results[other].result
+        out.append(Figure(f"model_dxnet_vs_{other}_time", ratio(dx["seconds"], res["seconds"], f"{other} time"), "x"))
+        out.append(Figure(f"model_dxnet_vs_{other}_memory", ratio(dx["peak_mib"], res["peak_mib"], f"{other} memory"),
+                          "x"))
+    return out
+
+
+def run(opts: BenchOptions) -> list[Figure]:
+    s = settings(opts)
+    results = {}
+    for name in MODELS:
+        say(f"model_cost: {name} at {s.patch}^3")
+        results[name] = run_child("bench.model_cost.measure",
+                                  {"name": name, **s.model_dump()},
+                                  opts.threads)
+    return emit(figures(results, s))

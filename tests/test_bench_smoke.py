@@ -1,0 +1,100 @@
+"""The benchmarks' measuring machinery (bench/): figure lines and goals, the child-process protocol,
+process-tree memory sampling, and the pure helpers the figures rest on. Fast: no torch models,
+no Ray; the benchmarks themselves run with `python -m bench.run_all --quick`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from bench.common import BenchError, Figure, Goal, TreeMemorySampler, ratio, run_child
+from bench.model_cost import dynunet_plan
+from bench.run_all import summary
+from bench.transfer import Curve, TransferSettings, mean_dice, steps_ratio, zscore_nonzero
+
+
+def test_figure_lines_say_missed_only_when_a_goal_is_missed():
+    assert Figure("speedup", 6.0, "x", Goal(">=", 5.0)).line() == "speedup: 6.00x (goal >= 5.00x)"
+    assert Figure("speedup", 4.0, "x", Goal(">=", 5.0)).line().endswith("(goal >= 5.00x) MISSED")
+    assert Figure("slowdown", 1.2, "x", Goal("<=", 1.05)).missed
+    assert not Figure("slowdown", 1.05, "x", Goal("<=", 1.05)).missed
+    assert Figure("steps", None, "x", Goal("<=", 0.5), note="not reached").line() == \
+        "steps: n/a [not reached] (goal <= 0.500x) MISSED"
+    assert Figure("rate", 123.4, " patches/s").line() == "rate: 123 patches/s (info)"
+
+
+def test_summary_counts_missed_goals_and_errors():
+    figures = [Figure("a", 2.0, "x", Goal(">=", 1.0)), Figure("b", 0.5, "x", Goal(">=", 1.0)), Figure("c", 1.0)]
+    lines = summary(figures, {"s3": "BenchError: moto down"})
+    assert lines == ["goals met: 1 of 2", "MISSED: b", "ERROR in s3: BenchError: moto down"]
+
+
+def test_ratio_refuses_a_zero_denominator():
+    assert ratio(3.0, 2.0, "t") == 1.5
+    with pytest.raises(BenchError, match="t: denominator is 0"):
+        ratio(1.0, 0.0, "t")
+
+
+def test_run_child_returns_the_functions_json_result():
+    result = run_child("bench.common.fmt", {"value": 1234.5}, threads=1, timeout=120)
+    assert result.result == "1234" and result.peak_pss_mib > 1 and result.wall_s > 0
+
+
+def test_run_child_reports_a_failing_side_in_one_line():
+    with pytest.raises(BenchError, match=r"bench.common.ratio: child exited with 1: .*denominator is 0"):
+        run_child("bench.common.ratio", {"numerator": 1.0, "denominator": 0.0, "what": "x"}, threads=1, timeout=120)
+
+
+def test_tree_sampler_counts_a_grandchild_allocation():
+    # the child starts a grandchild that touches 150 MiB, then both wait
+    grandchild = "b = bytearray(150 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nimport time; time.sleep(1.5)"
+    child = textwrap.dedent(f"""
+        import subprocess, sys
+        subprocess.run([sys.executable, "-c", {grandchild!r}], check=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    with TreeMemorySampler(proc.pid, interval=0.05) as sampler:
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert 150 <= sampler.peak_pss_kib / 1024 < 400
+
+
+def test_dynunet_plan_follows_the_nnunet_rule():
+    assert dynunet_plan(64) == {"kernel_size": [3] * 5, "strides": [1, 2, 2, 2, 2], "upsample_kernel_size": [2] * 4,
+                                "filters": [32, 64, 128, 256, 320]}
+    assert dynunet_plan(96)["strides"] == [1, 2, 2, 2, 2]  # 96 -> 6: one more halving would go below 4
+    assert dynunet_plan(256)["filters"][-1] == 320 and len(dynunet_plan(256)["strides"]) == 6
+
+
+def test_mean_dice_bounds_and_empty_masks():
+    rng = np.random.default_rng(0)
+    target = rng.random((2, 3, 8, 8, 8)) > 0.5
+    assert mean_dice(target, target) == 1.0
+    assert mean_dice(~target, target) == 0.0
+    empty = np.zeros_like(target)
+    assert mean_dice(empty, empty) == 1.0
+    half = target & (rng.random(target.shape) > 0.5)
+    assert 0.5 < mean_dice(half, target) < 0.8  # 2|A|/(|A|+2|A|) = 2/3 in expectation
+
+
+def test_zscore_nonzero_leaves_background_and_standardises_foreground():
+    image = np.zeros((2, 6, 6, 6), np.float32)
+    image[:, 1:5, 1:5, 1:5] = np.random.default_rng(1).normal(500, 40, (2, 4, 4, 4))
+    out = zscore_nonzero(image)
+    inside = out[:, 1:5, 1:5, 1:5].reshape(2, -1)
+    np.testing.assert_allclose(inside.mean(1), 0, atol=1e-5)
+    np.testing.assert_allclose(inside.std(1), 1, atol=1e-4)
+    assert (out[image == 0] == 0).all()
+
+
+def test_steps_ratio_uses_the_cap_as_an_upper_bound_only_for_the_baseline():
+    s = TransferSettings(max_steps=200)
+    reached, missed = Curve(40, [(40, 0.81)], 1.0), Curve(None, [(200, 0.7)], 1.0)
+    assert steps_ratio("r", reached, Curve(100, [], 1.0), s, None).value == 0.4
+    bound = steps_ratio("r", reached, missed, s, Goal("<=", 0.5))
+    assert bound.value == 0.2 and "upper bound" in bound.note and not bound.missed
+    assert steps_ratio("r", missed, reached, s, Goal("<=", 0.5)).missed
