@@ -1,0 +1,50 @@
+"""A Tune callback (driver side) that records outcomes the trial itself cannot record.
+
+A trial stopped by the scheduler (ASHA) or whose actor died is killed from outside, so its child run
+would stay RUNNING: on `on_trial_complete` / `on_trial_error` this callback tags it
+`stopped_early` (run KILLED, with the epoch reached) or `failed` (run FAILED, one-line reason).
+Runs the trial already ended itself (finished, or failed with its reason) are left as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune import Callback
+
+from crossdim.tune.runs import FAILED, STOPPED_EARLY, child_by_trial, mark_trial
+
+
+class TrialOutcomes(Callback):
+    def __init__(self, tracking_uri: str, experiment: str, storage_path: str, parent_run_id: str) -> None:
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.storage_path, self.parent_run_id = storage_path, parent_run_id
+
+    def _open_run(self, trial_id: str) -> Any | None:
+        run = child_by_trial(self.tracking_uri, self.experiment, self.storage_path, self.parent_run_id, trial_id)
+        return run if run is not None and run.info.status == "RUNNING" else None
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        run = self._open_run(trial.trial_id)
+        if run is None:
+            return
+        epoch = (trial.last_result or {}).get("epoch")
+        reached = str(int(epoch) + 1) if epoch is not None else "0"
+        mark_trial(self.tracking_uri, run.info.run_id, STOPPED_EARLY, extra={"crossdim.stopped_after_epochs": reached})
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        run = self._open_run(trial.trial_id)
+        if run is not None:
+            mark_trial(self.tracking_uri, run.info.run_id, FAILED, reason=error_line(trial))
+
+
+def error_line(trial: Any) -> str:
+    """First line of the trial's error as Tune recorded it (its error file), else a generic reason."""
+    from crossdim.tune.trial import one_line_reason
+
+    path = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
+    try:
+        with open(path) as f:  # type: ignore[arg-type]
+            return one_line_reason(RuntimeError(f.read()))
+    except (OSError, TypeError):
+        return "trial actor failed (no error recorded)"
