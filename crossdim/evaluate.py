@@ -202,10 +202,12 @@ def save_overlay(overlay: Any, path: Path, title: str) -> None:
 
 def publish(local: Path, output: str) -> dict[str, str]:
     """Copy the report files to `output` (local folder or s3://); returns name -> URI."""
+    from crossdim.infer.writers import write_file
+
     files = {}
     for path in sorted(local.iterdir()):
         uri = storage.join(output, path.name)
-        storage.write_bytes(uri, path.read_bytes())
+        write_file(uri, path.read_bytes())
         files[path.name] = uri
     return files
 

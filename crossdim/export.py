@@ -26,8 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from crossdim import storage
-
 Format = Literal["torchscript", "onnx"]
 FORMATS: tuple[str, ...] = ("torchscript", "onnx")
 CHECK_BATCH = 2
@@ -123,6 +121,8 @@ def _require(*modules: str) -> None:
 def export_module(model: nn.Module, fmt: str, output: str, shape: Sequence[int], *, relative_tolerance: float = 1e-4,
                   onnx_exporter: str = "dynamo") -> ExportResult:
     """Export an eager model (CPU, eval) to `output` (local or s3://) and check parity."""
+    from crossdim.infer.writers import write_file
+
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     model = model.to("cpu").eval()
@@ -140,7 +140,7 @@ def export_module(model: nn.Module, fmt: str, output: str, shape: Sequence[int],
             exported = run_onnx(local, check)
         result = parity(reference, exported, output, fmt, shape, relative_tolerance)
         with open(local, "rb") as f:
-            storage.write_bytes(output, f.read())
+            write_file(output, f.read())
     return result
 
 

@@ -54,8 +54,13 @@ class ThresholdNet(nn.Module):
         return torch.stack(chans, 1)
 
 
-if STUB_ARCH not in list_architectures():
-    register_architecture(STUB_ARCH)(ThresholdNet)
+def register_stub() -> None:
+    """Make the stub buildable by create_model (also the Ray worker setup hook of the batch test)."""
+    if STUB_ARCH not in list_architectures():
+        register_architecture(STUB_ARCH)(ThresholdNet)
+
+
+register_stub()
 
 
 def stub_model(**kw: Any) -> nn.Module:

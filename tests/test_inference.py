@@ -146,7 +146,7 @@ def test_brats_case_folder_channels_and_label_convention(tmp_path, convention):
     from crossdim.data.synth import write_brats
 
     naming = convention[-4:]
-    root = write_brats(str(tmp_path / "brats"), 1, seed=3, naming=naming)
+    root = write_brats(str(tmp_path / "brats"), 2, seed=3, naming=naming)
     case_dir = Path(root) / sorted(os.listdir(root))[0]
     thresholds = [800.0, 500.0, 700.0]  # ET <- channel 0, TC <- channel 1, WT <- channel 2 (model order)
     card = regions_card(plan(channels=4, scheme="none"), convention, [32, 32, 32])
@@ -165,6 +165,18 @@ def test_brats_case_folder_channels_and_label_convention(tmp_path, convention):
     expected[raw[0] > thresholds[0]] = et_value
     assert set(np.unique(out)) <= {0, 1, 2, et_value} and (out == et_value).any()
     np.testing.assert_array_equal(out, expected)
+
+    # the same channels as one 4D NIfTI (MSD style, channels last, in model order)
+    affine = nib.load(str(case_dir / f"{case_dir.name}{'_' if naming == '2021' else '-'}{names[0]}.nii.gz")).affine
+    stacked = save_nifti(tmp_path / "stacked.nii.gz", np.stack(raw, -1).astype(np.float32), affine)
+    predict(str(ckpt), str(stacked), str(tmp_path / "stacked_pred.nii.gz"))
+    np.testing.assert_array_equal(_labels(tmp_path / "stacked_pred.nii.gz"), expected)
+
+    # the whole dataset folder: listed by the BraTS reader, one output per case
+    summary = predict(str(ckpt), root, str(tmp_path / "all"))
+    assert (summary.total, summary.failed) == (2, 0)
+    assert sorted(p.name for p in (tmp_path / "all").glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in os.listdir(root))
+    np.testing.assert_array_equal(_labels(tmp_path / "all" / f"{case_dir.name}.nii.gz"), expected)
 
 
 @pytest.mark.parametrize("convention", ["brats2021", "brats2023"])
@@ -230,16 +242,29 @@ def test_batch_on_ray_with_a_corrupt_case(tmp_path, blob_ckpt, capsys):
     import ray
 
     folder, truths = _batch_dir(tmp_path, 3, corrupt=0)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    repo = str(Path(__file__).resolve().parents[1])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,  # workers build the stub model too
+             runtime_env={"env_vars": {"PYTHONPATH": repo},
+                          "worker_process_setup_hook": "tests.infer_helpers.register_stub"})
     try:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         args = parser.parse_args(["--model", str(blob_ckpt), "--input", str(folder), "--output",
                                   str(tmp_path / "out"), "--workers", "1"])
         assert main(args) == 3  # non-zero: a case failed
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        # shard rows on Ray actors: decoded there and inverted onto their original grid
+        image, truth, affine = blob_volume(oblique=True, seed=21)
+        card = json.loads((blob_ckpt / "dataset.json").read_text())
+        write_shard_dataset(str(tmp_path / "shards"), [("a", image[None], truth, affine), ("b", image[None], truth, affine)],
+                            plan(target_spacing=[1.5, 1.5, 1.5], scheme="none"), card["dataset"])
+        shard_summary = predict(str(blob_ckpt), str(tmp_path / "shards"), str(tmp_path / "shard_out"), workers=1)
     finally:
         ray.shutdown()
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (shard_summary.total, shard_summary.failed) == (2, 0)
+    written = nib.load(str(tmp_path / "shard_out" / "b.nii.gz"))
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    assert dice(np.asarray(written.dataobj), truth) >= 0.95
     assert (printed["total"], printed["succeeded"], printed["failed"]) == (3, 2, 1)
     failures = json.loads((tmp_path / "out" / "failures.json").read_text())
     assert [f["id"] for f in failures] == ["scan0"] and "unreadable NIfTI" in failures[0]["error"]

@@ -120,8 +120,8 @@ def run_shard_case(predictor: Predictor, case: Any, output: str) -> CaseResult:
 def _predict_shard_case(predictor: Predictor, case: Any, output: str) -> CaseResult:
     prediction = predictor.predict_preprocessed(case.image, case.geometry)
     affine = np.asarray(case.geometry["original_affine"], dtype=np.float64)
-    source = ", ".join(case.geometry.get("source_files") or [])
-    return write_prediction(prediction, affine, source, output_uris(output, case.id, False))
+    reference = (case.geometry.get("source_files") or [""])[0]  # its NIfTI header, if still readable here
+    return write_prediction(prediction, affine, reference, output_uris(output, case.id, False))
 
 
 # ----------------------------------------------------------------------------- many cases

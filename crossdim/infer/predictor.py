@@ -53,7 +53,7 @@ class ModelCard(BaseModel):
     window: Window
     in_channels: int
     spatial_dims: int  # of the data (a 2D Omnia-Net trained on 3D volumes says 3)
-    fingerprint: str = ""
+    fingerprint: str | None = None
 
     @field_validator("preprocess", mode="before")
     @classmethod

@@ -47,10 +47,24 @@ def nifti_bytes(image: nib.Nifti1Image, compress: bool = True) -> bytes:
     return gzip.compress(raw, compresslevel=4) if compress else raw
 
 
+def write_file(uri: str, data: bytes) -> None:
+    """Write bytes as they are. (On S3, pyarrow's output streams compress by file extension by
+    default, which would gzip a .nii.gz a second time: ask for no compression.)"""
+    if not storage.is_s3(uri):
+        storage.write_bytes(uri, data)
+        return
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open_output_stream(path, compression=None) as stream:
+            stream.write(data)
+    except OSError as exc:
+        raise storage.StorageError(f"{uri}: cannot write ({str(exc).splitlines()[0][:200]})") from None
+
+
 def write_labels(uri: str, labels: np.ndarray, affine: np.ndarray, reference: str = "") -> str:
     header = reference_header(reference) if reference else None
     image = nifti_image(np.ascontiguousarray(labels, dtype=np.uint8), affine, header)
-    storage.write_bytes(uri, nifti_bytes(image, compress=not uri.endswith(".nii")))
+    write_file(uri, nifti_bytes(image, compress=not uri.endswith(".nii")))
     return uri
 
 
@@ -62,5 +76,5 @@ def write_probabilities(uri: str, probs: np.ndarray, affine: np.ndarray, referen
         header.set_intent("none")
     array = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32), 0, -1))
     image = nifti_image(array, affine, header)
-    storage.write_bytes(uri, nifti_bytes(image, compress=not uri.endswith(".nii")))
+    write_file(uri, nifti_bytes(image, compress=not uri.endswith(".nii")))
     return uri
