@@ -79,7 +79,7 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such file") from None
@@ -97,7 +97,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     try:
         if is_s3(uri):
-            with fs.open_output_stream(path) as f:
+            with fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
