@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, timm, ray, mlflow, monai; print('crossdim venv ready: torch', torch.__version__, 'timm', timm.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__, 'monai', monai.__version__)"
 	touch $(STAMP)
 
+# Each test module runs in its own interpreter (tests/run_suite.py); one summary line at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python tests/run_suite.py $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python tests/run_suite.py -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/crossdim demo
