@@ -215,9 +215,9 @@ def test_children_hold_params_metrics_and_the_summary(env, main_sweep):
 
 
 def test_best_model_is_registered_with_the_alias_and_loads(env, main_sweep):
-    import mlflow.artifacts
     import torch
 
+    from crossdim.infer.pull import pull
     from crossdim.models import load_model
 
     _, _, _, result = main_sweep
@@ -229,9 +229,11 @@ def test_best_model_is_registered_with_the_alias_and_loads(env, main_sweep):
     assert str(version.version) == "1" and version.run_id == best.run_id
     assert float(version.tags["crossdim.metric_value"]) == pytest.approx(best.metric)
     assert (version.tags["crossdim.fingerprint"], version.tags["crossdim.fold"]) == (env.fingerprint, "0")
-    local = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", dst_path=str(env.root / "model"),
-                                               tracking_uri=env.tracking_uri)
-    model = load_model(os.path.join(local, "artifacts", "checkpoint")).eval()
+    with pytest.MonkeyPatch.context() as mp:  # the inference helper's loader: pull by alias, verified cache
+        mp.setenv("CROSSDIM_CACHE_DIR", str(env.root / "cache"))
+        pulled = pull(f"models:/{MODEL_NAME}@champion")
+    assert pulled.version == "1" and pulled.run_id == best.run_id
+    model = load_model(str(pulled.directory)).eval()
     patch = best.params["data.patch_size"]
     with torch.no_grad():
         out = model(torch.zeros(1, 1, *patch))

@@ -112,6 +112,31 @@ def test_candidate_configs_cover_scaling_dimensions():
     assert candidate_configs(sweep({"optim.lr": {"values": [1e-3]}})) == [TrainConfig()]
 
 
+def test_optuna_suggests_points_of_the_space():
+    from crossdim.tune.driver import tune_config
+
+    config = sweep({JOINT: {"values": [["omnianet", [32, 32]], ["dxnet", [32, 32, 32]]]},
+                    "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+                   search_alg="optuna", max_concurrent_trials=2, train={"epochs": 5})
+    settings = tune_config(config)
+    assert type(settings.search_alg).__name__ == "OptunaSearch" and settings.max_concurrent_trials == 2
+    assert settings.scheduler._max_t == 4  # ASHA rungs stay before the last epoch
+    assert settings.search_alg.set_search_properties(config.metric, config.mode, param_space(config))
+    for n in range(3):
+        fields = decode_params(config, settings.search_alg.suggest(f"t{n}"))
+        assert [fields["model.arch"], fields["data.patch_size"]] in [["omnianet", [32, 32]], ["dxnet", [32, 32, 32]]]
+        assert 1e-4 <= fields["optim.lr"] <= 1e-2
+
+
+def test_grid_search_limits_concurrency_in_its_generator():
+    from crossdim.tune.driver import tune_config
+
+    settings = tune_config(sweep({"optim.lr": {"values": [1e-3, 1e-2]}}, search_alg="grid", max_concurrent_trials=3,
+                                 scheduler="none"))
+    assert settings.search_alg.max_concurrent == 3 and settings.max_concurrent_trials is None  # Tune ignores it here
+    assert settings.scheduler is None
+
+
 # ----------------------------------------------------------------------------- sweep checks
 def test_check_sweep_metric_and_asha_bounds():
     ok = {"optim.lr": {"values": [1e-3]}}
@@ -221,3 +246,59 @@ def test_one_line_reason_finds_the_worker_error():
     assert one_line_reason(RuntimeError(text)) == "InflationError: cannot inflate reshape_as at stem_conv1"
     assert one_line_reason(ValueError("plain message\nmore")) == "ValueError: plain message"
     assert one_line_reason(KeyError()) == "KeyError"
+
+
+# ----------------------------------------------------------------------------- MLflow runs (local sqlite)
+class FakeTrial:
+    def __init__(self, trial_id: str, last_result: dict | None = None, error_file: str | None = None,
+                 config: dict | None = None) -> None:
+        self.trial_id, self.last_result, self.error_file, self.config = trial_id, last_result, error_file, config or {}
+
+
+def test_child_run_is_found_again_and_adopted_by_the_training_job(local_mlflow, tmp_path):
+    from crossdim.tracking import start_or_resume_run
+    from crossdim.tune.runs import PARENT_TAG, find_or_create_child, start_or_resume_parent
+
+    storage = str(tmp_path / "results")
+    parent, prior = start_or_resume_parent(local_mlflow, "exp", storage, "sw", {"crossdim.metric": "val_dice"})
+    assert prior == {}
+    again, prior = start_or_resume_parent(local_mlflow, "exp", storage, "sw", {})
+    assert again == parent and prior["crossdim.metric"] == "val_dice"
+    child = find_or_create_child(local_mlflow, "exp", parent, "sw", "t_00001", "sw_t_00001", storage, {"optim.lr": 0.1})
+    assert find_or_create_child(local_mlflow, "exp", parent, "sw", "t_00001", "sw_t_00001", storage, {}) == child
+    run_id, resumed = start_or_resume_run(local_mlflow, "exp", storage, "sw_t_00001")  # what crossdim.train does
+    assert (run_id, resumed) == (child, True)
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(local_mlflow).get_run(child).data.tags
+    assert tags[PARENT_TAG] == parent and json.loads(tags["crossdim.trial_params"]) == {"optim.lr": 0.1}
+
+
+def test_outcomes_callback_records_stopped_and_failed_trials(local_mlflow, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from crossdim.tune.outcomes import TrialOutcomes
+    from crossdim.tune.runs import child_by_trial, find_or_create_child, mark_trial, start_or_resume_parent
+
+    storage = str(tmp_path / "results")
+    parent, _ = start_or_resume_parent(local_mlflow, "exp", storage, "sw", {})
+    callback = TrialOutcomes(local_mlflow, "exp", storage, parent, "sw")
+    client = MlflowClient(local_mlflow)
+
+    stopped = find_or_create_child(local_mlflow, "exp", parent, "sw", "a", "sw_a", storage, {})
+    callback.on_trial_complete(0, [], FakeTrial("a", {"epoch": 1.0}))
+    run = client.get_run(stopped)
+    assert run.info.status == "KILLED" and run.data.tags["crossdim.trial_status"] == "stopped_early"
+    assert run.data.tags["crossdim.stopped_after_epochs"] == "2"
+
+    done = find_or_create_child(local_mlflow, "exp", parent, "sw", "b", "sw_b", storage, {})
+    mark_trial(local_mlflow, done, "finished")
+    callback.on_trial_complete(0, [], FakeTrial("b", {"epoch": 0.0}))  # ended by the trial itself: unchanged
+    assert client.get_run(done).data.tags["crossdim.trial_status"] == "finished"
+
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback (most recent call last):\n  ...\nray.exceptions.RayActorError: The actor died\n")
+    callback.on_trial_error(0, [], FakeTrial("c", error_file=str(error_file), config={"optim.lr": 0.5}))
+    failed = child_by_trial(local_mlflow, "exp", storage, parent, "c")  # created: the trial never opened one
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["crossdim.failure_reason"] == "RayActorError: The actor died"

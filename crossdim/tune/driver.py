@@ -211,7 +211,8 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent_id: str, callbacks: 
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         return tune.Tuner.restore(exp_path, trainable=fn, resume_unfinished=True, storage_filesystem=fs)
     path, fs = storage_args(plan.storage_path)
-    outcomes = TrialOutcomes(plan.tracking_uri, config.train.tracking.experiment, plan.storage_path, parent_id)
+    outcomes = TrialOutcomes(plan.tracking_uri, config.train.tracking.experiment, plan.storage_path, parent_id,
+                             config.name)
     run_config = tune.RunConfig(name=config.name, storage_path=path, storage_filesystem=fs,
                                 callbacks=[outcomes, *callbacks], failure_config=tune.FailureConfig(max_failures=0),
                                 verbose=1)

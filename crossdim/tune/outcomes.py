@@ -2,8 +2,10 @@
 
 A trial stopped by the scheduler (ASHA) or whose actor died is killed from outside, so its child run
 would stay RUNNING: on `on_trial_complete` / `on_trial_error` this callback tags it
-`stopped_early` (run KILLED, with the epoch reached) or `failed` (run FAILED, one-line reason).
-Runs the trial already ended itself (finished, or failed with its reason) are left as they are.
+`stopped_early` (run KILLED, with the epochs reached) or `failed` (run FAILED, one-line reason).
+Runs the trial already ended itself (finished, or failed with its reason) are left as they are; a
+trial that failed before opening its child run (e.g. the tracking server was down) gets one here,
+so every trial of the sweep has a record.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from typing import Any
 
 from ray.tune import Callback
 
-from crossdim.tune.runs import FAILED, STOPPED_EARLY, child_by_trial, mark_trial
+from crossdim.tune.runs import FAILED, STOPPED_EARLY, child_by_trial, find_or_create_child, mark_trial
 
 
 class TrialOutcomes(Callback):
-    def __init__(self, tracking_uri: str, experiment: str, storage_path: str, parent_run_id: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, storage_path: str, parent_run_id: str, sweep: str) -> None:
         self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.storage_path, self.parent_run_id = storage_path, parent_run_id
+        self.storage_path, self.parent_run_id, self.sweep = storage_path, parent_run_id, sweep
 
     def _open_run(self, trial_id: str) -> Any | None:
         run = child_by_trial(self.tracking_uri, self.experiment, self.storage_path, self.parent_run_id, trial_id)
@@ -33,16 +35,22 @@ class TrialOutcomes(Callback):
         mark_trial(self.tracking_uri, run.info.run_id, STOPPED_EARLY, extra={"crossdim.stopped_after_epochs": reached})
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run = self._open_run(trial.trial_id)
-        if run is not None:
-            mark_trial(self.tracking_uri, run.info.run_id, FAILED, reason=error_line(trial))
+        from crossdim.tune.trial import trial_name
+
+        run = child_by_trial(self.tracking_uri, self.experiment, self.storage_path, self.parent_run_id, trial.trial_id)
+        if run is not None and run.info.status != "RUNNING":
+            return  # the trial recorded its own failure
+        run_id = run.info.run_id if run is not None else find_or_create_child(
+            self.tracking_uri, self.experiment, self.parent_run_id, self.sweep, trial.trial_id,
+            trial_name(self.sweep, trial.trial_id), self.storage_path, dict(trial.config))
+        mark_trial(self.tracking_uri, run_id, FAILED, reason=error_line(trial))
 
 
 def error_line(trial: Any) -> str:
     """First line of the trial's error as Tune recorded it (its error file), else a generic reason."""
     from crossdim.tune.trial import one_line_reason
 
-    path = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
+    path = getattr(trial, "error_file", None)
     try:
         with open(path) as f:  # type: ignore[arg-type]
             return one_line_reason(RuntimeError(f.read()))

@@ -164,7 +164,7 @@ def candidate_configs(config: TuneConfig) -> list[TrainConfig]:
     out = []
     for combo in combos:
         point = {f: v for part in combo for f, v in part.items()}
-        out.append(check_point(base, ",".join(point) or "scaling", point) if point else config.train)
+        out.append(check_point(base, ",".join(point), point) if point else config.train)
     return out
 
 
