@@ -359,7 +359,7 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint_dir: str) -> str:
     example = np.zeros((channels, *info["window"]["roi_size"][:dims]), dtype=np.float32)
     if len(info["window"]["roi_size"]) < dims:  # 2D model on 3D data: a thin stack of slices
         example = np.zeros((channels, 2, *info["window"]["roi_size"]), dtype=np.float32)
-    with tempfile.TemporaryDirectory(prefix="crossdim-pyfunc-") as tmp, _tracking_uri(uri), \
+    with tempfile.TemporaryDirectory(prefix="crossdim-pyfunc-") as tmp, using_tracking_uri(uri), \
             mlflow.start_run(run_id=run_id):
         code = os.path.join(tmp, "crossdim_model.py")  # MLflow "models from code": nothing pickled
         with open(code, "w") as f:
@@ -375,7 +375,7 @@ def register(uri: str, model_uri: str, name: str, alias: str | None = None) -> s
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    with _tracking_uri(uri):
+    with using_tracking_uri(uri):
         version = mlflow.register_model(model_uri, name).version
     if alias:
         MlflowClient(uri).set_registered_model_alias(name, alias, version)
@@ -383,13 +383,16 @@ def register(uri: str, model_uri: str, name: str, alias: str | None = None) -> s
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
+def using_tracking_uri(uri: str | None) -> Iterator[None]:
     """Point the fluent MLflow API (needed by `log_model`) at `uri` for a block, then restore
     exactly the previous state: the global setting (MLflow keeps it in a module variable) and
     $MLFLOW_TRACKING_URI (which `set_tracking_uri` also writes)."""
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
+    if not uri:
+        yield
+        return
     saved_global, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:

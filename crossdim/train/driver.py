@@ -304,10 +304,11 @@ def checkpoint_uri(config: TrainConfig, checkpoint: Any) -> str | None:
 
 def finish(prepared: PreparedRun, result: Any) -> TrainResult:
     """Raise on a NaN stop; else log the final model and summarise."""
-    cfg, metrics = prepared.config, dict(result.metrics or {})
+    cfg, metrics = prepared.config, dict(result.metrics or {})  # metrics of the latest checkpoint
     ckpt_uri = checkpoint_uri(cfg, result.checkpoint)
-    if metrics.get("nonfinite_loss"):
-        raise NonFiniteLossError(f"non-finite loss in epoch {int(metrics.get('epoch', -1))}: training stopped; "
+    stopped_at = int(metrics.get("epoch", -1)) + 1
+    if stopped_at < cfg.epochs:  # the workers only end early on a non-finite loss (loop.run_epoch)
+        raise NonFiniteLossError(f"non-finite loss in epoch {stopped_at}: training stopped; "
                                  f"last good checkpoint: {ckpt_uri or 'none'}")
     model_uri = version = None
     if prepared.tracking_uri and prepared.job.run_id and cfg.tracking.log_model and result.checkpoint is not None:

@@ -12,8 +12,10 @@ Per worker:
    logs to MLflow and writes the checkpoint; every rank calls `ray.train.report`.
 
 A NaN/Inf loss on any rank stops every rank (flag all-reduced each step): they report
-`nonfinite_loss` without a checkpoint and return, so the driver raises NonFiniteLossError and the
-last good checkpoint stays the latest one.
+`nonfinite_loss` without a checkpoint (rank 0 also logs it to MLflow) and return early. Ray's
+Result only carries the metrics of the latest checkpoint, so the contract is: a worker loop ends
+before the last epoch only on a non-finite loss; the driver then raises NonFiniteLossError naming
+the epoch, and the last good checkpoint stays the latest one.
 
 Failure injection for tests (read by the driver from the environment, passed in `WorkerJob`):
 `CROSSDIM_FAIL_ONCE=<epoch>:<marker file>` raises in rank 1 (rank 0 when alone) half-way

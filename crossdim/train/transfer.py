@@ -133,7 +133,11 @@ def load_source_model(ref: str, tracking_uri: str | None = None) -> nn.Module:
         return load_model(ref)
     import mlflow.artifacts
 
-    with tempfile.TemporaryDirectory(prefix="crossdim-init-") as tmp:
+    from crossdim.tracking import using_tracking_uri
+
+    # MLflow 3 resolves runs:/<id>/model (a logged model) through the global tracking URI
+    with tempfile.TemporaryDirectory(prefix="crossdim-init-") as tmp, \
+            using_tracking_uri(tracking_uri):
         root = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp, tracking_uri=tracking_uri)
         return load_model(find_checkpoint_dir(root))
 
