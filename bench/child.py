@@ -1,7 +1,7 @@
 """Child-process entry point: `python -m bench.child <module.function> '<json kwargs>'`.
 
 Runs one benchmark side in a fresh process (clean memory figures) and prints its JSON result on
-a line starting with RESULT_MARKER. Torch threads come from OMP_NUM_THREADS (set by
+a line starting with RESULT_MARKER, then shuts down Ray if the function started it. Torch threads come from OMP_NUM_THREADS (set by
 `bench.common.child_env`); torch is imported only by the sides that use it.
 """
 
@@ -11,7 +11,7 @@ import importlib
 import json
 import sys
 
-from bench.common import RESULT_MARKER, quiet_environment
+from bench.common import RESULT_MARKER, quiet_environment, shutdown_ray
 
 
 def main(argv: list[str]) -> int:
@@ -21,8 +21,11 @@ def main(argv: list[str]) -> int:
     module_name, _, function_name = argv[1].rpartition(".")
     quiet_environment()
     function = getattr(importlib.import_module(module_name), function_name)
-    result = function(**json.loads(argv[2]))
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    try:
+        result = function(**json.loads(argv[2]))
+        print(RESULT_MARKER + json.dumps(result), flush=True)  # before Ray's shutdown, which can be slow
+    finally:
+        shutdown_ray()
     return 0
 
 

@@ -182,9 +182,33 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def rollup_kib(pid: int) -> tuple[int, int]:
-    """(Pss, Rss) of one process in KiB from /proc/<pid>/smaps_rollup; (0, 0) once it is gone."""
-    values = {"Pss:": 0, "Rss:": 0}
+@dataclass(frozen=True)
+class Memory:
+    """Memory of one process (or a sum over processes) in KiB, from /proc/<pid>/smaps_rollup.
+
+    `private` = Pss_Anon + Pss_Shmem: heap, arrays, tensors and shared-memory segments, split
+    between the forked processes that share them (DataLoader workers, copy-on-write caches), never
+    with unrelated processes. Library pages (Pss_File) are left out of it: their PSS depends on how
+    many other processes on the machine map the same files. `pss` and `rss` include everything.
+    """
+
+    private: int = 0
+    pss: int = 0
+    rss: int = 0
+
+    def __add__(self, other: "Memory") -> "Memory":
+        return Memory(self.private + other.private, self.pss + other.pss, self.rss + other.rss)
+
+    def peak(self, other: "Memory") -> "Memory":
+        return Memory(max(self.private, other.private), max(self.pss, other.pss), max(self.rss, other.rss))
+
+
+ROLLUP_FIELDS = ("Pss_Anon:", "Pss_Shmem:", "Pss:", "Rss:")
+
+
+def process_memory(pid: int) -> Memory:
+    """Memory of one process; all zero once it is gone."""
+    values = dict.fromkeys(ROLLUP_FIELDS, 0)
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
@@ -193,24 +217,20 @@ def rollup_kib(pid: int) -> tuple[int, int]:
                     values[parts[0]] = int(parts[1])
     except OSError:
         pass
-    return values["Pss:"], values["Rss:"]
+    return Memory(values["Pss_Anon:"] + values["Pss_Shmem:"], values["Pss:"], values["Rss:"])
 
 
-def own_pss_mib() -> float:
-    """This process's PSS now (a child's baseline after its imports)."""
-    return rollup_kib(os.getpid())[0] / 1024
+def own_private_mib() -> float:
+    """This process's private memory now (a side's baseline after its imports)."""
+    return process_memory(os.getpid()).private / 1024
 
 
 class TreeMemorySampler:
-    """Samples the summed PSS and RSS of a process tree every `interval` s; keeps the peaks.
-
-    PSS splits shared pages (forked DataLoader workers, copy-on-write caches) between the
-    processes that map them, so the sum over the tree counts each page once.
-    """
+    """Samples the memory of a process tree (summed) every `interval` s; keeps the peaks."""
 
     def __init__(self, root: int, interval: float = 0.1) -> None:
         self.root, self.interval = root, interval
-        self.peak_pss_kib = self.peak_rss_kib = 0
+        self.peak_kib = Memory()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -223,11 +243,10 @@ class TreeMemorySampler:
         self._thread.join()
 
     def sample(self) -> None:
-        pss = rss = 0
+        total = Memory()
         for pid in process_tree(self.root):
-            p, r = rollup_kib(pid)
-            pss, rss = pss + p, rss + r
-        self.peak_pss_kib, self.peak_rss_kib = max(self.peak_pss_kib, pss), max(self.peak_rss_kib, rss)
+            total = total + process_memory(pid)
+        self.peak_kib = self.peak_kib.peak(total)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -237,9 +256,9 @@ class TreeMemorySampler:
 
 @dataclass(frozen=True)
 class ChildResult:
-    result: dict[str, Any]
-    peak_pss_mib: float  # summed over the child's process tree
-    peak_rss_mib: float
+    result: Any
+    peak_private_mib: float  # peaks summed over the child's process tree, see Memory
+    peak_pss_mib: float
     wall_s: float
 
 
@@ -277,38 +296,43 @@ def run_child(target: str, kwargs: dict[str, Any], threads: int, timeout: float 
     lines = [line for line in out.splitlines() if line.startswith(RESULT_MARKER)]
     if not lines:
         raise BenchError(f"{target}: child printed no result: {last_line(stderr)}")
-    return ChildResult(json.loads(lines[-1][len(RESULT_MARKER) :]), sampler.peak_pss_kib / 1024,
-                       sampler.peak_rss_kib / 1024, wall)
+    peak = sampler.peak_kib
+    return ChildResult(json.loads(lines[-1][len(RESULT_MARKER) :]), peak.private / 1024, peak.pss / 1024, wall)
 
 
-def stream_child(target: str, kwargs: dict[str, Any], threads: int, timeout: float) -> Any:
+def stream_child(target: str, kwargs: dict[str, Any], threads: int, timeout: float, grace: float = 60) -> Any:
     """Run `target` like `run_child`, but pass its stdout through as it comes (stderr is inherited).
 
-    The child gets its own session; after `timeout` seconds its process group is terminated
-    (Ray's daemons of a hung benchmark go with it) and BenchError is raised.
+    The child gets its own session; after `timeout` seconds without a result its process group is
+    terminated (Ray's daemons of a hung benchmark go with it) and BenchError is raised. Once the
+    result is in, the child has `grace` seconds to exit (e.g. shut Ray down) before it is stopped.
     """
     cmd = [sys.executable, "-m", "bench.child", target, json.dumps(kwargs)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=child_env(threads),
                             start_new_session=True)
     expired = threading.Event()
-    timer = threading.Timer(timeout, lambda: (expired.set(), stop_group(proc)))
-    timer.start()
+    timers = [threading.Timer(timeout, lambda: (expired.set(), stop_group(proc)))]
+    timers[0].start()
     result: Any = None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if line.startswith(RESULT_MARKER):
+            if line.startswith(RESULT_MARKER) and result is None:
                 result = json.loads(line[len(RESULT_MARKER) :])
-            else:
+                timers[0].cancel()
+                timers.append(threading.Timer(grace, stop_group, args=(proc,)))
+                timers[-1].start()
+            elif not line.startswith(RESULT_MARKER):
                 print(line, end="", flush=True)
         proc.wait()
     finally:
-        timer.cancel()
+        for timer in timers:
+            timer.cancel()
+    if result is not None:
+        return result
     if expired.is_set():
         raise BenchError(f"{target}: stopped after {timeout:.0f} s (timeout)")
-    if proc.returncode != 0 or result is None:
-        raise BenchError(f"{target}: exited with {proc.returncode} without a result (see its stderr above)")
-    return result
+    raise BenchError(f"{target}: exited with {proc.returncode} without a result (see its stderr above)")
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -325,12 +349,8 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 def run_benchmark(module: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Child side of run_all: one benchmark module's `run`, Ray shut down after it."""
-    try:
-        figures = importlib.import_module(module).run(BenchOptions(**opts))
-    finally:
-        shutdown_ray()
-    return [figure.to_dict() for figure in figures]
+    """Child side of run_all: one benchmark module's `run` (bench.child shuts Ray down after it)."""
+    return [figure.to_dict() for figure in importlib.import_module(module).run(BenchOptions(**opts))]
 
 
 def last_line(text: str) -> str:
@@ -430,13 +450,26 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        _init_ray(ray)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _init_ray(ray: Any, attempts: int = 3) -> None:
+    """ray.init, retried: on a saturated machine the node can time out while starting (Ray waits 30 s)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a start-up timeout
+            ray.shutdown()
+            if attempt == attempts:
+                raise BenchError(f"ray.init failed {attempts} times: {last_line(str(exc))}") from None
+            say(f"ray.init failed ({last_line(str(exc))}); retrying")
 
 
 def shutdown_ray() -> None:

@@ -136,6 +136,27 @@ def peak_step_memory(step: Any, device: Any) -> float:
     return (vm_kib("VmHWM") - before) / 1024
 
 
+def profile_ops(name: str, patch: int, top: int = 12, encoder: str = "efficientnet_b0", batch: int = 1) -> list[str]:
+    """Where a model's step goes: the `top` torch ops by self CPU time over one forward+backward.
+
+    `python -m bench.child bench.model_cost.profile_ops '{"name": "dxnet", "patch": 64}'`
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    model, shape = build(name, CostSettings(patch=patch, steps=1, batch=batch, encoder=encoder))
+    model.train()
+    x = torch.randn(shape)
+    model(x).float().square().mean().backward()  # warm-up
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x).float().square().mean().backward()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [f"{e.key}: {e.self_cpu_time_total / 1e6:.2f} s ({100 * e.self_cpu_time_total / total:.0f}%), "
+            f"{e.count} calls" for e in events[:top]]
+
+
 # ----------------------------------------------------------------------------- driver
 def figures(results: dict[str, ChildResult], s: CostSettings) -> list[Figure]:
     out = []

@@ -95,7 +95,7 @@ def plain_side(s: OverheadSettings) -> list[float]:
 
 
 def ray_worker(config: dict[str, Any]) -> None:
-    """TorchTrainer worker: the same loop; step times go back in the last report."""
+    """TorchTrainer worker: the same loop; step times go back in the last report (with a checkpoint)."""
     import json
 
     import ray.train
@@ -112,7 +112,11 @@ def ray_worker(config: dict[str, Any]) -> None:
             ray.train.report({"step": step, "loss": loss})
 
     times = step_times(model, s, report)
-    ray.train.report({"step_times": json.dumps(times), "threads": torch.get_num_threads()})
+    metrics = {"step_times": json.dumps(times), "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as directory:  # Train V2 keeps only checkpointed metrics in Result
+        with open(os.path.join(directory, "step_times.json"), "w") as f:
+            f.write(metrics["step_times"])
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def ray_side(s: OverheadSettings, storage: str) -> tuple[list[float], float, int]:
@@ -137,11 +141,12 @@ def ray_side(s: OverheadSettings, storage: str) -> tuple[list[float], float, int
 def run(opts: BenchOptions) -> list[Figure]:
     s = settings(opts)
     ensure_ray()
-    storage = tempfile.mkdtemp(prefix="ray-overhead-", dir=opts.workdir if os.path.isdir(opts.workdir) else None)
+    os.makedirs(opts.workdir, exist_ok=True)
     say("ray_overhead: plain loop (before)")
     plain = plain_side(s)
     say("ray_overhead: TorchTrainer, 1 worker")
-    ray_times, fit_wall, worker_threads = ray_side(s, storage)
+    with tempfile.TemporaryDirectory(prefix="ray-overhead-", dir=opts.workdir) as storage:
+        ray_times, fit_wall, worker_threads = ray_side(s, storage)
     say("ray_overhead: plain loop (after)")
     plain += plain_side(s)
     plain_step, ray_step = median(plain), median(ray_times)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
-from bench.common import BenchError, Figure, Goal, TreeMemorySampler, ratio, run_child
+from bench.common import BenchError, Figure, Goal, TreeMemorySampler, ratio, run_child, stream_child
 from bench.model_cost import dynunet_plan
 from bench.run_all import summary
 from bench.transfer import Curve, TransferSettings, mean_dice, steps_ratio, zscore_nonzero
@@ -41,12 +42,32 @@ def test_ratio_refuses_a_zero_denominator():
 
 def test_run_child_returns_the_functions_json_result():
     result = run_child("bench.common.fmt", {"value": 1234.5}, threads=1, timeout=120)
-    assert result.result == "1234" and result.peak_pss_mib > 1 and result.wall_s > 0
+    assert result.result == "1234" and result.peak_pss_mib > result.peak_private_mib > 1 and result.wall_s > 0
 
 
 def test_run_child_reports_a_failing_side_in_one_line():
     with pytest.raises(BenchError, match=r"bench.common.ratio: child exited with 1: .*denominator is 0"):
         run_child("bench.common.ratio", {"numerator": 1.0, "denominator": 0.0, "what": "x"}, threads=1, timeout=120)
+
+
+def sleep_then_return(seconds: float) -> str:
+    """A child-process target for the stream_child tests."""
+    print("a figure line", flush=True)
+    time.sleep(seconds)
+    return "done"
+
+
+def test_stream_child_passes_output_through_and_returns_the_result(capsys):
+    assert stream_child("tests.test_bench_smoke.sleep_then_return", {"seconds": 0}, threads=1, timeout=120) == "done"
+    out = capsys.readouterr().out
+    assert "a figure line" in out and "BENCH_RESULT" not in out
+
+
+def test_stream_child_stops_a_benchmark_that_runs_past_its_timeout():
+    start = time.perf_counter()
+    with pytest.raises(BenchError, match=r"sleep_then_return: stopped after 3 s \(timeout\)"):
+        stream_child("tests.test_bench_smoke.sleep_then_return", {"seconds": 120}, threads=1, timeout=3)
+    assert time.perf_counter() - start < 60
 
 
 def test_tree_sampler_counts_a_grandchild_allocation():
@@ -60,7 +81,25 @@ def test_tree_sampler_counts_a_grandchild_allocation():
     with TreeMemorySampler(proc.pid, interval=0.05) as sampler:
         proc.wait(timeout=60)
     assert proc.returncode == 0
-    assert 150 <= sampler.peak_pss_kib / 1024 < 400
+    assert 150 <= sampler.peak_kib.private / 1024 < 300  # the bytearray, once
+    assert sampler.peak_kib.pss >= sampler.peak_kib.private and sampler.peak_kib.rss >= sampler.peak_kib.pss
+
+
+def test_tree_sampler_counts_pages_shared_by_a_fork_once():
+    # 150 MiB touched, then fork(): parent and child map the same copy-on-write pages
+    script = textwrap.dedent("""
+        import os, time
+        b = bytearray(150 << 20)
+        for i in range(0, len(b), 4096): b[i] = 1
+        pid = os.fork()
+        time.sleep(1.5)
+        if pid: os.waitpid(pid, 0)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    with TreeMemorySampler(proc.pid, interval=0.05) as sampler:
+        proc.wait(timeout=60)
+    assert 150 <= sampler.peak_kib.private / 1024 < 200  # counted once (PSS splits it)
+    assert sampler.peak_kib.rss / 1024 >= 300  # RSS counts it in both processes
 
 
 def test_dynunet_plan_follows_the_nnunet_rule():
