@@ -5,6 +5,7 @@ preprocessed dataset (shards + manifest) the Ray tests train on."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 
@@ -14,7 +15,7 @@ import torch
 
 from crossdim.config import InitConfig, LossConfig, OptimConfig, ValidationConfig
 from crossdim.data.shards import CaseArrays, case_record, encode_case, make_splits, shard_name, write_manifest, write_shard
-from crossdim.train.targets import TargetSpec, encode_labels, masks_to_label_map, target_spec
+from crossdim.train.targets import TargetSpec, encode_labels, masks_from_labels, masks_to_label_map, target_spec
 
 BRATS_DATASET = {"format": "brats", "name": "blobs-brats", "modality": "MR", "channel_names": ["t1", "flair"],
                  "labels": {"0": "background", "1": "NCR", "2": "ED", "4": "ET"},
@@ -92,6 +93,19 @@ def test_encode_labels_remaps_and_builds_regions():
     enc = encode_labels(label, brats)
     assert enc.tolist() == [[0, 0, 0, 1], [0, 1, 0, 1], [0, 1, 1, 1]]  # ET, TC, WT
     assert masks_to_label_map(enc.astype(bool), brats).tolist() == label.tolist()  # inverse
+
+
+def test_region_channel_order_survives_a_sorted_json_round_trip():
+    """dataset.json is written with sorted keys; channels must keep the manifest's region order."""
+    spec = target_spec({"regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}, "labels": {}})
+    assert spec.channel_names == ["WT", "TC", "ET"]
+    reloaded = TargetSpec.model_validate(json.loads(json.dumps(spec.model_dump(), sort_keys=True)))
+    assert list(reloaded.regions) == ["ET", "TC", "WT"]  # the dict order is gone...
+    label = np.array([0, 1, 2, 4], np.uint8)
+    expected = [[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]]  # ...but channels stay WT, TC, ET
+    assert encode_labels(label, reloaded).tolist() == expected
+    assert masks_from_labels(torch.from_numpy(label)[None], reloaded)[0].int().tolist() == expected
+    assert masks_to_label_map(np.array(expected, bool), reloaded).tolist() == label.tolist()
 
 
 # ----------------------------------------------------------------------------- losses

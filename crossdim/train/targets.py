@@ -34,6 +34,13 @@ class TargetSpec(BaseModel):
         return len(self.channel_names)
 
     @property
+    def region_values(self) -> list[list[int]]:
+        """Raw label values of each region, in channel order. `regions` is a dict whose key order
+        does not survive a JSON round trip with sorted keys (dataset.json), so channel order is
+        always taken from `channel_names`."""
+        return [self.regions[name] for name in self.channel_names]
+
+    @property
     def metric_names(self) -> list[str]:
         """Classes scored in validation: every region, or every non-background class."""
         return list(self.channel_names) if self.kind == "regions" else list(self.channel_names[1:])
@@ -61,7 +68,7 @@ def encode_labels(label: np.ndarray, spec: TargetSpec) -> np.ndarray:
     """Raw label array (*S) -> training target: multiclass int64 (1, *S) of channel indices;
     regions float32 (R, *S) of 0/1. Unknown raw values are an error (pure)."""
     if spec.kind == "regions":
-        return np.stack([np.isin(label, values) for values in spec.regions.values()]).astype(np.float32)
+        return np.stack([np.isin(label, values) for values in spec.region_values]).astype(np.float32)
     lut = np.full(256, -1, dtype=np.int64)
     lut[spec.label_values] = np.arange(len(spec.label_values))
     out = lut[label.astype(np.uint8)]
@@ -89,7 +96,7 @@ def masks_from_labels(label: "torch.Tensor", spec: TargetSpec) -> "torch.Tensor"
     import torch
 
     if spec.kind == "regions":
-        chans = [torch.isin(label, torch.tensor(v, device=label.device)) for v in spec.regions.values()]
+        chans = [torch.isin(label, torch.tensor(v, device=label.device)) for v in spec.region_values]
     else:
         chans = [label == v for v in spec.label_values]
     return torch.stack(chans, 1)
