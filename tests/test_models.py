@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -221,7 +222,10 @@ def test_checkpoint_round_trip(tmp_path, arch: str) -> None:
         model(torch.randn(*shape) * 3 + 1)  # move BN running statistics off their defaults
     model.eval()
     directory = save_model(model, str(tmp_path / "ckpt"), extra={"epoch": 3})
-    assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(directory)) == ["checksums.json", "config.json", "model.safetensors"]
+    weights = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    checksums = json.loads((tmp_path / "ckpt" / "checksums.json").read_text())
+    assert checksums == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
     document = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert document["model"]["arch"] == arch and document["extra"] == {"epoch": 3}
     assert document["crossdim_version"]
@@ -279,10 +283,34 @@ def test_unknown_names_list_the_options() -> None:
 def test_checkpoint_round_trip_through_s3(moto_s3) -> None:
     model = _model("omnianet", "test_efficientnet", 1).eval()
     uri = save_model(model, moto_s3.uri("runs/1/model"), extra={"note": "s3"})
-    assert moto_s3.keys("runs/1/model") == ["runs/1/model/config.json", "runs/1/model/model.safetensors"]
+    assert moto_s3.keys("runs/1/model") == ["runs/1/model/checksums.json", "runs/1/model/config.json",
+                                            "runs/1/model/model.safetensors"]
     loaded = load_model(uri)
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     with pytest.raises(ValueError, match=r"no crossdim model checkpoint at 's3://.*/runs/2'"):
         load_model(moto_s3.uri("runs/2"))
+
+
+def test_pull_verifies_the_weights_against_the_checksum_written_at_save(moto_s3, tmp_path, monkeypatch) -> None:
+    from crossdim.infer.pull import ChecksumError, pull
+
+    monkeypatch.setenv("CROSSDIM_CACHE_DIR", str(tmp_path / "cache"))
+    model = _model("omnianet", "test_efficientnet", 1).eval()
+    uri = save_model(model, moto_s3.uri("runs/1/model"))
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(pull(uri).directory))(x), model(x))  # intact: verified and cached
+    weights = moto_s3.client().get_object(Bucket=moto_s3.bucket, Key="runs/1/model/model.safetensors")["Body"].read()
+    corrupt = weights[:-8] + bytes(8)  # same size, still a loadable safetensors file
+    moto_s3.client().put_object(Bucket=moto_s3.bucket, Key="runs/2/model/model.safetensors", Body=corrupt)
+    for name in ("config.json", "checksums.json"):
+        body = moto_s3.client().get_object(Bucket=moto_s3.bucket, Key=f"runs/1/model/{name}")["Body"].read()
+        moto_s3.client().put_object(Bucket=moto_s3.bucket, Key=f"runs/2/model/{name}", Body=body)
+    with pytest.raises(ChecksumError, match=r"model\.safetensors: sha256 .* does not match the recorded"):
+        pull(moto_s3.uri("runs/2/model"))
+    local = save_model(model, str(tmp_path / "local"))
+    (tmp_path / "local" / "model.safetensors").write_bytes(corrupt)
+    with pytest.raises(ChecksumError, match="model.safetensors"):
+        pull(local)

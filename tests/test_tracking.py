@@ -125,7 +125,8 @@ def test_pyfunc_model_loads_predicts_and_registers(store, tmp_path, monkeypatch)
     loaded = load_model(find_checkpoint_dir(root))
     for a, b in zip(loaded.state_dict().values(), load_model(model_dir).state_dict().values()):
         torch.testing.assert_close(a, b)
-    assert sorted(os.listdir(find_checkpoint_dir(root))) == ["config.json", "dataset.json", "model.safetensors"]
+    assert sorted(os.listdir(find_checkpoint_dir(root))) == ["checksums.json", "config.json", "dataset.json",
+                                                             "model.safetensors"]
     assert not any(name.endswith((".pkl", ".pickle")) for _r, _d, files in os.walk(root) for name in files)
 
 

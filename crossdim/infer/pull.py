@@ -25,10 +25,8 @@ from pathlib import Path
 
 from crossdim import storage
 from crossdim.infer.registry import RegistryError, ResolvedModel, is_registry_uri, mlflow_message, resolve
+from crossdim.models.io import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-CHECKSUMS_FILE = "checksums.json"
 CACHE_RECORD = "crossdim-cache.json"
 _CHUNK = 8 << 20
 

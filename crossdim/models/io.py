@@ -3,10 +3,13 @@
 `config.json` = {"format": "crossdim-model", "format_version": 1, "crossdim_version": ...,
 "model": <model.config, the create_model kwargs incl. arch>, "extra": {...}}. No pickles: the
 model is rebuilt with `create_model(**model)` (pretrained=False) and its weights loaded strictly.
+`checksums.json` records the sha256 of the weights as written, so a copy pulled from the registry
+or object storage can be verified against what training produced (crossdim.infer.pull).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -20,6 +23,7 @@ from crossdim import storage
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_FILE = "checksums.json"
 FORMAT = "crossdim-model"
 FORMAT_VERSION = 1
 
@@ -50,7 +54,8 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: nn.Module, directory: str, extra: dict[str, Any] | None = None) -> str:
-    """Write `config.json` and `model.safetensors` into `directory` (local or s3://); return it."""
+    """Write `model.safetensors`, `checksums.json` and `config.json` into `directory` (local or
+    s3://); return it."""
     document = model_config_document(model, extra)
     try:
         text = json.dumps(document, indent=2, sort_keys=True)
@@ -58,8 +63,11 @@ def save_model(model: nn.Module, directory: str, extra: dict[str, Any] | None = 
         raise ValueError(f"save_model: model config or extra is not JSON-serialisable ({exc})") from None
     if storage.is_local(directory):
         storage.makedirs(directory)
-    storage.write_bytes(storage.join(directory, WEIGHTS_FILE), save_safetensors(state_dict_for_saving(model)))
-    storage.write_text(storage.join(directory, CONFIG_FILE), text)
+    weights = save_safetensors(state_dict_for_saving(model))
+    storage.write_bytes(storage.join(directory, WEIGHTS_FILE), weights)
+    checksums = {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest()}
+    storage.write_text(storage.join(directory, CHECKSUMS_FILE), json.dumps(checksums, indent=2, sort_keys=True))
+    storage.write_text(storage.join(directory, CONFIG_FILE), text)  # last: a complete directory has it
     return directory
 
 

@@ -29,7 +29,7 @@ from crossdim.train.loop import WorkerJob, train_loop_per_worker
 from crossdim.train.targets import TargetSpec, target_spec
 
 RAY_DATA_SPARE_CPUS = 1.0  # Ray Data's read tasks need a CPU beside the training workers
-MODEL_FILES = ("config.json", "model.safetensors", "dataset.json")
+MODEL_FILES = ("config.json", "model.safetensors", "checksums.json", "dataset.json")
 
 
 class TrainResult(BaseModel):
@@ -140,6 +140,21 @@ def check_storage(config: TrainConfig) -> None:
         raise fail(f"storage_path: {exc}") from None
 
 
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_shared_storage(config: TrainConfig, nodes: int) -> None:
+    """On a cluster of several nodes every worker writes checkpoints and the driver reads them back:
+    a local storage_path is only shared when the user says it is a mount on every node."""
+    if nodes > 1 and storage.is_local(config.storage_path) and not config.storage_shared:
+        raise fail(f"storage_path {config.storage_path!r} is a local path but the Ray cluster has {nodes} nodes: "
+                   "use shared storage, e.g. storage_path=s3://bucket/prefix, or set storage_shared=true "
+                   "if that path is a filesystem mounted on every node")
+
+
 def check_tracking(config: TrainConfig) -> str:
     from crossdim.tracking import TrackingError, check_tracking, resolve_tracking_uri
 
@@ -239,6 +254,7 @@ def prepare(config: TrainConfig, tracking: bool = True) -> PreparedRun:
         raise fail(str(exc)) from None
     check_storage(config)
     ensure_ray()
+    check_shared_storage(config, alive_nodes())
     check_cluster(config)
     datasets = open_datasets(config)
     job = WorkerJob(config=config, target=spec, in_channels=in_channels, data_spatial_dims=data_dims,
@@ -329,7 +345,7 @@ def _redacted(uri: str | None) -> str | None:
 
 
 def log_final_model(prepared: PreparedRun, checkpoint: Any) -> tuple[str, str | None]:
-    """The last checkpoint's config.json + model.safetensors + dataset.json as the run's pyfunc model."""
+    """The last checkpoint's model files (MODEL_FILES, without the training state) as the run's pyfunc model."""
     from crossdim import tracking
 
     cfg = prepared.config.tracking
