@@ -128,6 +128,7 @@ class TrackingConfig(Strict):
 class TrainConfig(Strict):
     name: str = "crossdim-train"  # Ray run name: re-using it resumes that run
     storage_path: str = "~/crossdim_results"  # local path or s3://bucket/prefix
+    storage_shared: bool = False  # a local storage_path is a filesystem mounted on every node (multi-node)
     model: ModelConfig = Field(default_factory=ModelConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     data: DataConfig = Field(default_factory=DataConfig)
