@@ -153,11 +153,33 @@ def list_files(uri: str, recursive: bool = False) -> list[str]:
 def check_writable(uri: str) -> None:
     """Fail early, before any work, when a destination cannot be written (bucket missing,
     credentials missing or refused, read-only directory)."""
+    probe = join(uri, f".crossdim-write-probe-{uuid.uuid4().hex[:8]}")
     if is_s3(uri):
         _check_s3_credentials(uri)
-    probe = join(uri, f".crossdim-write-probe-{uuid.uuid4().hex[:8]}")
+        _probe_s3(probe)
+        return
     write_bytes(probe, b"ok")
     delete(probe)
+
+
+def _probe_s3(probe: str) -> None:
+    """PUT then DELETE one object with boto3: pyarrow's delete_file re-creates the parent's
+    directory marker (`prefix/`), which would leave an empty key behind in the user's bucket."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parsed = urlparse(probe)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    client = boto3.client("s3", endpoint_url=s3_endpoint(),
+                          region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"))
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"ok")
+        client.delete_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise StorageError(f"{probe.rsplit('/', 1)[0]}: cannot write ({code})") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"{probe.rsplit('/', 1)[0]}: cannot write ({_short(exc)})") from None
 
 
 def _check_s3_credentials(uri: str) -> None:
