@@ -31,8 +31,13 @@ class CaseSplit(DataConfig):
 
 
 def one_case_per_block(ds: Any) -> Any:
-    """Blocks of one row each, so the splitter can balance cases (not shard files)."""
-    return ds.repartition(target_num_rows_per_block=1)
+    """Blocks of one row each, so the splitter can balance cases (not shard files).
+
+    The stream's own progress bars are off: each worker reads its cases once per job, and a bar
+    per operator from the split coordinator buries the per-epoch training log that shows progress."""
+    out = ds.repartition(target_num_rows_per_block=1)
+    out.context.enable_progress_bars = False
+    return out
 
 
 def load_cases(name: str) -> list[Any]:

@@ -26,6 +26,7 @@ succeeds; `CROSSDIM_NAN_LOSS_AT=<epoch>` turns rank 0's loss into NaN in that ep
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -42,6 +43,9 @@ from crossdim.data.sampling import PatchSampler, SampleSpec
 from crossdim.train.checkpoint import TrainState, epoch_seed, load_train_state, save_checkpoint, unwrap
 from crossdim.train.ingest import load_cases
 from crossdim.train.targets import TargetSpec, encode_labels
+
+
+log = logging.getLogger(__name__)
 
 
 class WorkerJob(BaseModel):
@@ -280,9 +284,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     dtype = amp_dtype(job.config.amp, worker.device)
     autocast = autocast_factory(worker.device, dtype)
+    start = time.perf_counter()
     t = setup_trainables(job, worker, dtype)
     train_cases = load_cases("train")
     val_cases = load_cases("val")
+    log.info("rank %d/%d on %s: %d train / %d val cases, starting at epoch %d (setup %.1fs)", worker.rank,
+             worker.world, worker.device, len(train_cases), len(val_cases), t.state.epoch + 1,
+             time.perf_counter() - start)
     if not train_cases:
         raise RuntimeError(f"rank {worker.rank}: no training cases reached this worker")
     sampler = PatchSampler(train_cases, sample_spec(job), job.config.seed, job.config.data.augment)
@@ -320,6 +328,8 @@ def run_epoch(t: Trainables, sampler: PatchSampler, loss_fn: nn.Module, val_case
     t.scheduler.step()
     t.state.epoch = epoch
     update_best(t.state, metrics, epoch)
+    if worker.rank == 0:
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
     if logger is not None:
         logger.metrics(epoch, metrics)
         if overlay is not None:
