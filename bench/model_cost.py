@@ -7,9 +7,10 @@
   filters 32..320, instance norm, leaky ReLU);
 - DS-Net (`dsnet`, EfficientNet-b0) on the same patch.
 2D: Omnia-Net (EfficientNet-b0) on P slices of P x P: the same number of voxels as one patch.
-Each model runs in its own process: the median of `steps` timed steps after one warm-up step;
-memory = the step's peak RSS above the RSS before it (VmHWM after resetting it through
-/proc/self/clear_refs), or torch.cuda.max_memory_allocated on a GPU. P is 64 on CPU (batch 1);
+Memory: each model in its own process, the peak RSS of one step (after a warm-up step) above the
+RSS before it (VmHWM reset through /proc/self/clear_refs), or torch.cuda.max_memory_allocated
+on a GPU. Time: all models in one process, `steps` rounds of one step each, interleaved with a
+rotating order (load changes on a shared machine hit every model alike), median per model. P is 64 on CPU (batch 1);
 `--patch96` gives the issue's 96^3 (meant for a GPU).
 Goal: DX-Net <= 1.0x FlexibleUNet-3D (time and memory).
 """
@@ -17,11 +18,12 @@ Goal: DX-Net <= 1.0x FlexibleUNet-3D (time and memory).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from bench.common import BenchOptions, ChildResult, Figure, Goal, emit, median, ratio, run_child, say
+from bench.common import BenchOptions, Figure, Goal, emit, median, ratio, run_child, say
 
 MODELS = ("dxnet", "flexible_unet", "dynunet", "dsnet", "omnianet_slices")
 IN_CHANNELS, NUM_CLASSES = 4, 3
@@ -93,33 +95,58 @@ def reset_peak_rss() -> None:
         f.write("5")  # resets VmHWM to the current RSS
 
 
-def measure(name: str, patch: int, steps: int, batch: int, encoder: str) -> dict[str, Any]:
-    """Child process: time `steps` forward+backward steps of one model; peak memory of a step."""
-    import torch
+@dataclass
+class Bench:
+    """One model ready to step: forward + backward of `x` (synchronised on a GPU)."""
 
-    s = CostSettings(patch=patch, steps=steps, batch=batch, encoder=encoder)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model, shape = build(name, s)
-    model = model.to(device).train()
-    x = torch.randn(shape, device=device)
+    model: Any
+    x: Any
 
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
+    def step(self) -> float:
+        import torch
+
+        self.model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        out = model(x)
-        out.float().square().mean().backward()
-        if device.type == "cuda":
+        self.model(self.x).float().square().mean().backward()
+        if self.x.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    step()  # warm-up: one-time allocations, lazy initialisation
-    model.zero_grad(set_to_none=True)
-    peak_mib = peak_step_memory(step, device)
-    times = [step() for _ in range(steps)]
-    params = sum(p.numel() for p in model.parameters())
-    return {"seconds": median(times), "times": times, "peak_mib": peak_mib, "params": params,
-            "device": device.type, "input": list(shape), "threads": torch.get_num_threads()}
+
+def ready(name: str, s: CostSettings) -> Bench:
+    """The model in train mode on the device, with its input, after one warm-up step."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model, shape = build(name, s)
+    bench = Bench(model.to(device).train(), torch.randn(shape, device=device))
+    bench.step()  # one-time allocations, lazy initialisation
+    bench.model.zero_grad(set_to_none=True)
+    return bench
+
+
+def measure_memory(name: str, patch: int, steps: int, batch: int, encoder: str) -> dict[str, Any]:
+    """Child process, one per model: peak memory of one training step, and the model's facts."""
+    import torch
+
+    bench = ready(name, CostSettings(patch=patch, steps=steps, batch=batch, encoder=encoder))
+    return {"peak_mib": peak_step_memory(bench.step, bench.x.device),
+            "params": sum(p.numel() for p in bench.model.parameters()), "device": bench.x.device.type,
+            "input": list(bench.x.shape), "threads": torch.get_num_threads()}
+
+
+def measure_times(names: list[str], patch: int, steps: int, batch: int, encoder: str) -> dict[str, list[float]]:
+    """Child process: step times of every model, interleaved (round r times each model once, the
+    order rotating), so a change in the machine's load hits all models alike."""
+    s = CostSettings(patch=patch, steps=steps, batch=batch, encoder=encoder)
+    benches = {name: ready(name, s) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(steps):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(benches[name].step())
+    return times
 
 
 def peak_step_memory(step: Any, device: Any) -> float:
@@ -141,16 +168,11 @@ def profile_ops(name: str, patch: int, top: int = 12, encoder: str = "efficientn
 
     `python -m bench.child bench.model_cost.profile_ops '{"name": "dxnet", "patch": 64}'`
     """
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    model, shape = build(name, CostSettings(patch=patch, steps=1, batch=batch, encoder=encoder))
-    model.train()
-    x = torch.randn(shape)
-    model(x).float().square().mean().backward()  # warm-up
-    model.zero_grad(set_to_none=True)
+    bench = ready(name, CostSettings(patch=patch, steps=1, batch=batch, encoder=encoder))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(x).float().square().mean().backward()
+        bench.step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
     return [f"{e.key}: {e.self_cpu_time_total / 1e6:.2f} s ({100 * e.self_cpu_time_total / total:.0f}%), "
@@ -158,35 +180,43 @@ def profile_ops(name: str, patch: int, top: int = 12, encoder: str = "efficientn
 
 
 # ----------------------------------------------------------------------------- driver
-def figures(results: dict[str, ChildResult], s: CostSettings) -> list[Figure]:
+@dataclass(frozen=True)
+class Cost:
+    seconds: float  # median step time
+    peak_mib: float
+    facts: dict[str, Any]
+
+
+def figures(costs: dict[str, Cost]) -> list[Figure]:
     out = []
-    for name, r in results.items():
-        res = r.result
-        out.append(Figure(f"model_{name}_step_s", res["seconds"], " s",
-                          note=f"input {'x'.join(map(str, res['input']))}, {res['params'] / 1e6:.2f}M params, "
-                               f"{res['device']}, {res['threads']} thread(s)"))
-        out.append(Figure(f"model_{name}_step_peak_mib", res["peak_mib"], " MiB"))
-    dx, flex = results["dxnet"].result, results["flexible_unet"].result
+    for name, c in costs.items():
+        f = c.facts
+        out.append(Figure(f"model_{name}_step_s", c.seconds, " s",
+                          note=f"input {'x'.join(map(str, f['input']))}, {f['params'] / 1e6:.2f}M params, "
+                               f"{f['device']}, {f['threads']} thread(s)"))
+        out.append(Figure(f"model_{name}_step_peak_mib", c.peak_mib, " MiB"))
+    dx, flex = costs["dxnet"], costs["flexible_unet"]
     out += [
-        Figure("model_dxnet_vs_flexible_unet_time", ratio(dx["seconds"], flex["seconds"], "flexible_unet time"), "x",
+        Figure("model_dxnet_vs_flexible_unet_time", ratio(dx.seconds, flex.seconds, "flexible_unet time"), "x",
                Goal("<=", 1.0)),
-        Figure("model_dxnet_vs_flexible_unet_memory", ratio(dx["peak_mib"], flex["peak_mib"], "flexible_unet memory"),
+        Figure("model_dxnet_vs_flexible_unet_memory", ratio(dx.peak_mib, flex.peak_mib, "flexible_unet memory"),
                "x", Goal("<=", 1.0)),
     ]
     for other in ("dynunet", "dsnet", "omnianet_slices"):
-        res = results[other].result
-        out.append(Figure(f"model_dxnet_vs_{other}_time", ratio(dx["seconds"], res["seconds"], f"{other} time"), "x"))
-        out.append(Figure(f"model_dxnet_vs_{other}_memory", ratio(dx["peak_mib"], res["peak_mib"], f"{other} memory"),
-                          "x"))
+        c = costs[other]
+        out.append(Figure(f"model_dxnet_vs_{other}_time", ratio(dx.seconds, c.seconds, f"{other} time"), "x"))
+        out.append(Figure(f"model_dxnet_vs_{other}_memory", ratio(dx.peak_mib, c.peak_mib, f"{other} memory"), "x"))
     return out
 
 
 def run(opts: BenchOptions) -> list[Figure]:
     s = settings(opts)
-    results = {}
+    memory = {}
     for name in MODELS:
-        say(f"model_cost: {name} at {s.patch}^3")
-        results[name] = run_child("bench.model_cost.measure",
-                                  {"name": name, **s.model_dump()},
-                                  opts.threads)
-    return emit(figures(results, s))
+        say(f"model_cost: memory of {name} at {s.patch}^3")
+        memory[name] = run_child("bench.model_cost.measure_memory", {"name": name, **s.model_dump()}, opts.threads)
+    say(f"model_cost: step times, {s.steps} interleaved rounds")
+    times = run_child("bench.model_cost.measure_times", {"names": list(MODELS), **s.model_dump()}, opts.threads)
+    costs = {name: Cost(median(times.result[name]), memory[name].result["peak_mib"], memory[name].result)
+             for name in MODELS}
+    return emit(figures(costs))
