@@ -1,8 +1,9 @@
 """Sweeps end to end on a local Ray cluster: Tune + Ray Train trials, MLflow parent/child runs, registry.
 
 Tiny blob volumes (32^3, 4 cases, shards written directly), tiny timm encoders, 1 Ray Train worker
-at 0.5 CPU per trial, 2 trials at a time. The tests share one Ray cluster and one MLflow store and
-run in order: bad input -> the 4-trial sweep (interrupted, then resumed) -> a worse sweep.
+at 0.5 CPU per trial; the main sweep runs 1 trial at a time (see `main_sweep`), the worse one 2.
+The tests share one Ray cluster and one MLflow store and run in order: bad input -> the 4-trial
+sweep (interrupted, then resumed) -> a worse sweep.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from ray import tune
 
-from crossdim.config import TuneConfig
+from crossdim.config import ConfigError, TuneConfig
 from crossdim.data.shards import CaseArrays, case_record, encode_case, make_splits, shard_name, write_manifest, write_shard
 
 MODEL_NAME = "tune-test-model"
@@ -70,6 +71,9 @@ def env(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("RAY_ADDRESS", raising=False)
+        # Ray Data (2.60) starts 32 FooterReader actors (32 processes) per Parquet read by default;
+        # with one shard file per split, one is enough (inherited by the workers ray.init starts).
+        mp.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             yield Env(root, str(root / "data"), manifest["fingerprint"], uri)
@@ -86,7 +90,7 @@ def sweep_config(env: Env, name: str, space: dict, train: dict | None = None, **
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
         "validation": {"hd95": False, "sw_batch_size": 4},
         "tracking": {"experiment": "tune-test"},
-        "epochs": EPOCHS, "steps_per_epoch": 3, "max_failures": 0,
+        "epochs": EPOCHS, "steps_per_epoch": 8, "max_failures": 0,
     }
     base.update(train or {})
     settings = {"name": name, "search_alg": "grid", "num_samples": 1, "scheduler": "asha", "grace_period": 1,
@@ -108,13 +112,14 @@ def runs_of(env: Env, filter_string: str = "") -> list:
 
 
 class InterruptOnce(tune.Callback):
-    """Ctrl+C (SIGINT to the driver) as soon as the first trial ends; once (marker file)."""
+    """Ctrl+C (SIGINT to the driver) once `after` trials have ended (finished or stopped); once (marker)."""
 
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
+    def __init__(self, marker: str, after: int) -> None:
+        self.marker, self.after, self.ended = marker, after, 0
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        if not os.path.exists(self.marker):
+        self.ended += 1
+        if self.ended >= self.after and not os.path.exists(self.marker):
             Path(self.marker).write_text(trial.trial_id)
             signal.raise_signal(signal.SIGINT)
 
@@ -148,14 +153,29 @@ def test_bad_input_fails_in_one_line_before_any_work(env, tmp_path, capsys):
 # ----------------------------------------------------------------------------- the sweep
 @pytest.fixture(scope="module")
 def main_sweep(env):
-    """The 4-trial grid (2 architectures x 2 encoders), interrupted after its first trial, then resumed."""
+    """The 4-trial grid (2 architectures x 2 encoders), interrupted when its first trial ends, then resumed.
+
+    Why ASHA's outcome does not depend on timing: one trial runs at a time, so trials start in grid
+    order (the first key varies fastest): T0 dxnet/test_resnet, T1 omnianet/test_resnet, then
+    T2 dxnet/test_efficientnet and T3 omnianet/test_efficientnet. The encoder dimension is joint
+    with the learning rate: the test_efficientnet arm trains at lr 1e-6, i.e. it validates as an
+    untrained net (Dice at most ~0.11 on these blobs, the all-foreground level; measured 0.0-0.11),
+    far below test_resnet at 3e-3 after one epoch (measured 0.5-0.9; crossdim.train does not seed
+    the model's initialisation, so values vary a little from run to run, never this much).
+    The sweep is interrupted as T0 ends; Tune does not restore a scheduler's state, so after the
+    resume T1 is the first trial ASHA sees and runs to the end, and T2 and T3 each reach rung 1
+    below the rung's median (T1's value; then the mean of T1's and T2's) -> stopped. (Were the
+    scheduler restored, T1 could be stopped too; T0 stays finished either way.) What is left to
+    timing is only whether a stop lands before the stopped trial could finish its other epochs:
+    Ray Train hands the trial one report per 2 s health-check poll, which leaves > 6 s per stopped
+    trial, for a stop that acts within a second or two."""
     from crossdim.tune import run
 
-    space = {JOINT: {"values": [["omnianet", [32, 32]], ["dxnet", [32, 32, 32]]]},
-             "model.encoder": {"values": ["test_resnet", "test_efficientnet"]}}  # resnet trials start first
-    config = sweep_config(env, "main", space)
+    space = {JOINT: {"values": [["dxnet", [32, 32, 32]], ["omnianet", [32, 32]]]},
+             "model.encoder,optim.lr": {"values": [["test_resnet", 3e-3], ["test_efficientnet", 1e-6]]}}
+    config = sweep_config(env, "main", space, max_concurrent_trials=1)
     marker = str(env.root / "interrupted")
-    first = run(config, callbacks=[InterruptOnce(marker)])
+    first = run(config, callbacks=[InterruptOnce(marker, after=1)])
     before = {t.trial_id: history(env, t.run_id) for t in first.trials if t.status in ("finished", "stopped_early")}
     second = run(config)
     return config, first, before, second
@@ -185,6 +205,10 @@ def test_asha_stops_a_weak_trial_early(env, main_sweep):
     _, _, _, result = main_sweep
     by_status = {s: [t for t in result.trials if t.status == s] for s in ("finished", "stopped_early", "failed")}
     assert by_status["stopped_early"], [(t.trial_id, t.status, t.epochs, t.metric) for t in result.trials]
+    # see main_sweep: the lr-1e-6 arm falls below the rung-1 median; T0 (dxnet/test_resnet) finished first
+    assert {t.params["model.encoder"] for t in by_status["stopped_early"]} == {"test_efficientnet"}
+    finished = {(t.params["model.arch"], t.params["model.encoder"]) for t in by_status["finished"]}
+    assert ("dxnet", "test_resnet") in finished
     assert all(t.epochs < EPOCHS for t in by_status["stopped_early"])
     assert all(t.epochs == EPOCHS and t.model_uri for t in by_status["finished"]) and by_status["finished"]
     assert not by_status["failed"]
@@ -259,3 +283,20 @@ def test_worse_sweep_leaves_the_alias_and_reports_a_failed_inflation(env, main_s
     assert result.registered_version == "2" and not result.alias_moved
     assert "does not beat @champion v1" in result.alias_reason
     assert str(mlflow_client(env).get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+
+
+# ----------------------------------------------------------------------------- pure
+def test_asha_horizon_reads_epochs_from_a_joint_dimension():
+    from crossdim.tune.driver import check_sweep, min_epochs
+
+    def sweep(space: dict) -> TuneConfig:
+        return TuneConfig.model_validate({"name": "s", "search_space": space, "grace_period": 2,
+                                          "train": {"epochs": 9, "data": {"manifest": "m"}}})
+
+    assert min_epochs(sweep({"optim.lr": {"values": [1e-3]}})) == 9
+    assert min_epochs(sweep({"epochs": {"values": [6, 3]}})) == 3
+    assert min_epochs(sweep({"epochs": {"low": 4, "high": 8, "integer": True}})) == 4
+    joint = sweep({"model.encoder,epochs": {"values": [["test_resnet", 7], ["test_efficientnet", 2]]}})
+    assert min_epochs(joint) == 2
+    with pytest.raises(ConfigError, match=r"grace_period=2 must be below train.epochs=2"):
+        check_sweep(joint)

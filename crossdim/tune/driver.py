@@ -36,7 +36,7 @@ from crossdim import storage
 from crossdim.config import ConfigError, TrainConfig, TuneConfig
 from crossdim.tune.conclude import conclude
 from crossdim.tune.results import CONFIG_SHA_TAG, SweepPlan, SweepResult
-from crossdim.tune.space import SearchSpaceError, candidate_configs, check_search_space, expected_trials
+from crossdim.tune.space import SearchSpaceError, candidate_configs, check_search_space, expected_trials, key_fields
 
 TRIAL_CPU = 0.01  # the trial function itself (Ray rejects 0)
 RAY_DATA_SPARE_CPUS = 1.0  # as crossdim.train: Ray Data's read tasks need a CPU beside the workers
@@ -60,10 +60,16 @@ def check_sweep(config: TuneConfig) -> None:
 
 
 def min_epochs(config: TuneConfig) -> int:
-    dim = config.search_space.get("epochs")
-    if dim is None:
-        return config.train.epochs
-    return int(min(dim.values) if dim.values is not None else dim.low)  # type: ignore[type-var,arg-type]
+    """The fewest epochs any trial trains: `epochs` searched alone or in a joint dimension (pure)."""
+    for key, dim in config.search_space.items():
+        fields = key_fields(key)
+        if "epochs" not in fields:
+            continue
+        if dim.values is None:
+            return int(dim.low)  # type: ignore[arg-type]
+        at = fields.index("epochs")
+        return int(min(v[at] if len(fields) > 1 else v for v in dim.values))
+    return config.train.epochs
 
 
 def preflight(config: TuneConfig) -> SweepPlan:
