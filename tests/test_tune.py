@@ -159,9 +159,9 @@ def main_sweep(env):
     order (the first key varies fastest): T0 dxnet/test_resnet, T1 omnianet/test_resnet, then
     T2 dxnet/test_efficientnet and T3 omnianet/test_efficientnet. The encoder dimension is joint
     with the learning rate: the test_efficientnet arm trains at lr 1e-6, i.e. it validates as an
-    untrained net (Dice at most ~0.11 on these blobs, the all-foreground level; measured 0.0-0.11),
-    far below test_resnet at 3e-3 after one epoch (measured 0.5-0.9; crossdim.train does not seed
-    the model's initialisation, so values vary a little from run to run, never this much).
+    untrained net (val Dice 0.0-0.18 measured over 4 runs; 0.11 is the all-foreground level on
+    these blobs), far below test_resnet at 3e-3 after one 8-step epoch (0.78-0.93 measured;
+    crossdim.train does not seed the model's initialisation, so values vary from run to run).
     The sweep is interrupted as T0 ends; Tune does not restore a scheduler's state, so after the
     resume T1 is the first trial ASHA sees and runs to the end, and T2 and T3 each reach rung 1
     below the rung's median (T1's value; then the mean of T1's and T2's) -> stopped. (Were the
