@@ -332,3 +332,16 @@ def fast_config(root: str, manifest: str, name: str, *overrides: str):
 
 SMALL_UNET = "model.options={stem_channels: 8, decoder_channels: [32, 16, 16, 8, 8]}"
 SMALL_DSNET = "model.options={encoder_3d_channels: [8, 8, 8, 8], omnianet_kwargs: {decoder_channels: [32, 16, 16, 8, 8]}}"
+
+
+def test_model_initialisation_follows_the_seed(tmp_path):
+    from crossdim.train.loop import WorkerJob, build_model
+
+    def job(seed: int) -> WorkerJob:
+        cfg = fast_config(str(tmp_path), str(tmp_path / "m"), "seeded", "model.arch=omnianet", SMALL_UNET, f"seed={seed}")
+        return WorkerJob(config=cfg, target=target_spec(BLOB_DATASET), in_channels=1, data_spatial_dims=3,
+                         train_ids=[], val_ids=[], dataset_info={})
+
+    weights = [build_model(job(seed), initialize=False).state_dict() for seed in (0, 0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

@@ -118,11 +118,13 @@ def reseed(seed: int, sampler: PatchSampler) -> None:
 
 # ----------------------------------------------------------------------------- model and state
 def build_model(job: WorkerJob, initialize: bool) -> nn.Module:
-    """The configured model; `initialize` applies init.pretrained (rank 0 of a fresh start)."""
+    """The configured model; `initialize` applies init.pretrained (rank 0 of a fresh start).
+    Random initialisation follows `seed`, so the same config starts from the same weights."""
     from crossdim.models import create_model
     from crossdim.train.transfer import initialize_model, model_pretrained_arg
 
     cfg = job.config
+    torch.manual_seed(cfg.seed)
     pretrained = model_pretrained_arg(cfg.init) if initialize else False
     model = create_model(cfg.model.arch, encoder=cfg.model.encoder, in_channels=job.in_channels,
                          num_classes=job.target.num_channels, pretrained=pretrained, **cfg.model.options)
