@@ -104,6 +104,23 @@ def test_local_storage_path_refused_before_training(cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_sweep_with_a_local_storage_path_is_refused_before_any_trial(cluster, tmp_path):
+    from crossdim.config import TuneConfig
+    from crossdim.tune import run
+
+    data = write_blob_dataset(str(tmp_path / "blobs"), cases=4, shape=(32, 32, 32), folds=2)
+    train = fast_config(str(tmp_path), data, "unused", *SLICES_2D, "scaling.cpus_per_worker=1")
+    sweep = TuneConfig.model_validate({"name": "local-sweep", "search_alg": "grid",
+                                       "search_space": {"optim.lr": {"values": [1e-3, 3e-3]}},
+                                       "train": train.model_dump(mode="json")})
+    with pytest.raises(TrainConfigError) as info:
+        run(sweep)
+    assert f"{NODES} nodes" in str(info.value) and "s3://" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "results" / "local-sweep").exists()
+    assert train_worker_nodes() == []
+
+
+@pytest.mark.slow
 def test_two_workers_on_two_nodes_share_s3_storage(cluster, s3, tmp_path):
     import ray
     from mlflow.tracking import MlflowClient

@@ -245,13 +245,15 @@ def run(config: TuneConfig, callbacks: Sequence[Any] = ()) -> SweepResult:
     """Run (or resume) the sweep `config.name`; see the module docstring.
 
     `callbacks`: extra Tune callbacks of a new sweep (a resumed sweep keeps those it started with)."""
-    from crossdim.train.driver import ensure_ray
+    from crossdim.train.driver import check_shared_storage, ensure_ray
     from crossdim.tune.runs import client
 
     check_sweep(config)
     plan = preflight(config)
     ensure_ray()
-    check_resources(candidate_configs(config), node_resources())
+    nodes = node_resources()
+    check_shared_storage(config.train, len(nodes))
+    check_resources(candidate_configs(config), nodes)
     parent_id, prior = open_parent(config, plan)
     try:
         with lenient_metrics():
