@@ -210,7 +210,8 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = TrainState(epoch=3, global_step=17, best_metric=0.7, best_epoch=2, seed=4, mlflow_run_id="abc")
     save_checkpoint(str(tmp_path), model, state, opt, sched, scaler, {"target": {"kind": "multiclass"}})
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "dataset.json", "model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["checksums.json", "config.json", "dataset.json", "model.safetensors",
+                                         "train_state.pt"]
     torch.load(tmp_path / "train_state.pt", weights_only=True)  # plain tensors/containers only
     assert read_dataset_info(str(tmp_path))["target"]["kind"] == "multiclass"
     restored = load_model(str(tmp_path))  # any checkpoint is a crossdim model directory
