@@ -77,9 +77,12 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    """A whole object. Opened as a random-access file so its size is known up front: on S3 this
+    is one ranged GET, where reading an `open_input_stream` to its end fetches it in small, growing
+    pieces (measured 20x slower against a local endpoint, bench/RESULTS.md)."""
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path, compression=None) as f:
+        with fs.open_input_file(path) as f:
             return f.read()
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such file") from None
