@@ -2,7 +2,9 @@
 
 Sides, each in its own process (clean memory), on the same synthetic BraTS-like cases:
 - crossdim: shards read with `crossdim.data.shards.iter_cases` (checksummed pyarrow reader),
-  decoded once, patches drawn by the real training sampler (`PatchSampler`) in the worker;
+  decoded once and held in the shards' float16 as a training worker holds them
+  (`load_cases(..., keep_dtype=True)`), patches drawn by the real training sampler
+  (`PatchSampler`, float32 out);
 - MONAI uncached: `LoadImaged` + `EnsureChannelFirstd` + `Orientationd` + `NormalizeIntensityd`
   + `RandCropByPosNegLabeld` over the raw NIfTI files in a `DataLoader` with 2 workers;
 - MONAI `CacheDataset`: the same transforms, the deterministic ones cached (cache_rate 1.0).
@@ -59,7 +61,7 @@ def crossdim_side(uri: str, patch: int, patches_per_batch: int, batches: int) ->
 
     baseline = own_private_mib()
     start = time.perf_counter()
-    cases = list(iter_cases(uri))
+    cases = list(iter_cases(uri, keep_dtype=True))  # as a training worker holds them (load_cases)
     sampler = PatchSampler(cases, SampleSpec((patch,) * 3, FOREGROUND_RATIO), seed=0, augment=None)
     x, _ = as_tensors(*sampler.batch(patches_per_batch))
     shape = list(x.shape)

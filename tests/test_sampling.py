@@ -10,6 +10,7 @@ from crossdim.data.sampling import (
     SampleSpec,
     centered_start,
     crop_or_pad,
+    foreground_locations,
     full_patch,
     random_start,
 )
@@ -46,6 +47,20 @@ def test_3d_patch_shapes_and_smaller_cases_are_padded():
     images, labels = sampler.batch(6)
     assert images.shape == (6, 2, 32, 32, 16) and images.dtype == np.float32
     assert labels.shape == (6, 32, 32, 16) and labels.dtype == np.uint8
+
+
+@pytest.mark.parametrize("augment", [None, AugmentConfig()])
+def test_float16_cases_give_the_float32_samples_of_their_values(augment):
+    """Cases held in float16 (as training workers hold them) sample exactly like their float32 values."""
+    half = volume()
+    half = ArrayCase(half.image.astype(np.float16), half.label, half.id)
+    wide = ArrayCase(half.image.astype(np.float32), half.label, half.id)
+    spec = SampleSpec((32, 32, 16))
+    got = PatchSampler([half], spec, seed=3, augment=augment).batch(4)
+    want = PatchSampler([wide], spec, seed=3, augment=augment).batch(4)
+    assert got[0].dtype == np.float32
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.33, 1.0])
@@ -113,3 +128,10 @@ def test_augmentation_keeps_shapes_and_label_values_and_is_seeded():
     assert not np.allclose(xa, xp)  # noise/scale/rotation changed the image
     a.reseed(5)
     np.testing.assert_array_equal(a.batch(3)[0], xa)
+
+
+def test_foreground_locations_are_flat_int32_indices_of_the_labelled_voxels():
+    label = volume().label
+    flat = foreground_locations(label)
+    assert flat.dtype == np.int32
+    np.testing.assert_array_equal(np.stack(np.unravel_index(flat, label.shape), 1), np.argwhere(label > 0))

@@ -59,6 +59,19 @@ def test_encode_decode_round_trip_float32_exact_and_float16_rounded():
     assert np.abs(half.image - case.image).max() < 5e-3 * max(1.0, np.abs(case.image).max())
 
 
+def test_keep_dtype_holds_float16_images_with_the_same_values(tmp_path):
+    """Training workers keep the stored float16 (half the memory); values equal the float32 decode."""
+    case = _case("a", 0)
+    row = shards.encode_case(case, "float16")
+    kept, widened = shards.decode_row(row, keep_dtype=True), shards.decode_row(row)
+    assert kept.image.dtype == np.float16 and widened.image.dtype == np.float32
+    assert kept.image.nbytes * 2 == widened.image.nbytes
+    np.testing.assert_array_equal(kept.image.astype(np.float32), widened.image)
+    _write_dataset(str(tmp_path), [case, _case("b", 1)], dtype="float16")
+    assert {c.image.dtype for c in shards.iter_cases(str(tmp_path), keep_dtype=True)} == {np.dtype(np.float16)}
+    assert {c.image.dtype for c in shards.iter_cases(str(tmp_path))} == {np.dtype(np.float32)}
+
+
 def test_encode_rejects_inconsistent_cases_with_a_named_error():
     bad = _case("b", 1)
     bad.label = bad.label[:-1]

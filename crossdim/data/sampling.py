@@ -28,7 +28,7 @@ from crossdim.config import AugmentConfig
 
 
 class HasArrays(Protocol):
-    image: np.ndarray  # float32 (C, *spatial)
+    image: np.ndarray  # float32 or float16 (C, *spatial); samples always come out float32
     label: np.ndarray  # uint8 (*spatial)
 
 
@@ -101,6 +101,15 @@ def full_patch(spec: SampleSpec, spatial_ndim: int) -> tuple[int, ...]:
     raise ValueError(f"a {len(spec.patch_size)}-D patch cannot be taken from {spatial_ndim}-D cases")
 
 
+def foreground_locations(label: np.ndarray) -> np.ndarray:
+    """Flat indices of the foreground voxels, in the narrowest integer type that holds them.
+
+    4 bytes a voxel for any volume under 2**31 voxels, against 24 for `np.argwhere`'s (N, 3)
+    int64: a BraTS case with 10% foreground keeps 3.6 MB instead of 21 MB."""
+    flat = np.flatnonzero(label)
+    return flat.astype(np.int32) if label.size < 2**31 else flat
+
+
 # ----------------------------------------------------------------------------- sampler
 class PatchSampler:
     """Draws (image (C, *patch), label (*patch)) samples from in-memory cases."""
@@ -112,7 +121,7 @@ class PatchSampler:
         self.cases = list(cases)
         self.spec = spec
         self.rng = np.random.default_rng(seed)
-        self._foreground = [np.argwhere(c.label > 0) for c in self.cases]
+        self._foreground = [foreground_locations(c.label) for c in self.cases]
         self._has_foreground = [i for i, fg in enumerate(self._foreground) if len(fg)]
         self.augment = build_augmentation(augment, len(spec.patch_size), seed) if augment and augment.enabled else None
 
@@ -131,7 +140,8 @@ class PatchSampler:
         patch = full_patch(self.spec, len(spatial))
         if force_foreground and len(self._foreground[index]):
             fg = self._foreground[index]
-            start = centered_start(spatial, patch, fg[self.rng.integers(len(fg))], self.rng)
+            center = np.unravel_index(int(fg[self.rng.integers(len(fg))]), spatial)
+            start = centered_start(spatial, patch, center, self.rng)
         else:
             start = random_start(spatial, patch, self.rng)
         image = crop_or_pad(case.image, start, patch, 0.0)

@@ -102,14 +102,20 @@ def encode_case(case: CaseArrays, image_dtype: str = "float16") -> dict[str, Any
     }
 
 
-def decode_row(row: dict[str, Any]) -> CaseArrays:
-    """A shard row (from pyarrow `to_pylist` or a Ray Data row/batch slice) -> CaseArrays."""
+def decode_row(row: dict[str, Any], keep_dtype: bool = False) -> CaseArrays:
+    """A shard row (from pyarrow `to_pylist` or a Ray Data row/batch slice) -> CaseArrays.
+
+    The image comes back as float32, or with `keep_dtype` in its stored dtype (float16 by default:
+    half the memory, for holders such as the training sampler that cast each patch as they cut it).
+    """
     case_id = str(row["id"])
     dtype = str(row["image_dtype"])
     if dtype not in IMAGE_DTYPES:
         raise DataError(f"case {case_id}: unknown image_dtype {dtype!r}")
     image_shape = tuple(int(s) for s in row["image_shape"])
-    image = _from_bytes(row["image"], dtype, image_shape, f"case {case_id}: image").astype(np.float32)
+    image = _from_bytes(row["image"], dtype, image_shape, f"case {case_id}: image")
+    if not keep_dtype:
+        image = image.astype(np.float32, copy=False)
     label = None
     if row.get("label") is not None:
         label_shape = tuple(int(s) for s in row["label_shape"])
@@ -126,10 +132,13 @@ def decode_row(row: dict[str, Any]) -> CaseArrays:
 
 
 def _from_bytes(data: Any, dtype: str, shape: tuple[int, ...], what: str) -> np.ndarray:
-    buf = bytes(data) if not isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        buf = memoryview(data).cast("B")  # bytes, Arrow buffers, numpy arrays: no copy
+    except TypeError:
+        buf = memoryview(bytes(data))
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if len(buf) != expected:
-        raise DataError(f"{what}: {len(buf)} bytes do not match shape {shape} ({dtype})")
+    if buf.nbytes != expected:
+        raise DataError(f"{what}: {buf.nbytes} bytes do not match shape {shape} ({dtype})")
     return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
 
 
@@ -304,10 +313,11 @@ def open_shards(uri: str, split: str | None = None, fold: int = 0, verify: bool 
 
 
 def iter_cases(uri: str, ids: Iterable[str] | None = None, split: str | None = None, fold: int = 0,
-               verify: bool = True) -> Iterator[CaseArrays]:
+               verify: bool = True, keep_dtype: bool = False) -> Iterator[CaseArrays]:
     """Decoded cases in manifest order, read with pyarrow through crossdim.storage (no Ray).
 
-    `ids` restricts to those cases (unknown ids raise DataError); `split`/`fold` as in `open_shards`.
+    `ids` restricts to those cases (unknown ids raise DataError); `split`/`fold` as in `open_shards`;
+    `keep_dtype` as in `decode_row`.
     """
     root = dataset_root(uri)
     manifest = read_manifest(root)
@@ -320,10 +330,11 @@ def iter_cases(uri: str, ids: Iterable[str] | None = None, split: str | None = N
         wanted = [i for i in wanted if i in requested]
     wanted_set = set(wanted)
     for entry in shards_for(manifest, wanted):
-        yield from _iter_shard(root, entry, wanted_set, verify)
+        yield from _iter_shard(root, entry, wanted_set, verify, keep_dtype)
 
 
-def _iter_shard(root: str, entry: dict[str, Any], wanted: set[str], verify: bool) -> Iterator[CaseArrays]:
+def _iter_shard(root: str, entry: dict[str, Any], wanted: set[str], verify: bool,
+                keep_dtype: bool) -> Iterator[CaseArrays]:
     name = shard_uri(root, entry["file"])
     data = storage.read_bytes(name)
     if verify:
@@ -333,6 +344,20 @@ def _iter_shard(root: str, entry: dict[str, Any], wanted: set[str], verify: bool
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{name}: not a readable Parquet shard ({exc})") from None
     ids = table.column("id").to_pylist()
-    for index, case_id in enumerate(ids):
-        if case_id in wanted:
-            yield decode_row(table.slice(index, 1).to_pylist()[0])
+    try:
+        for index, case_id in enumerate(ids):
+            if case_id in wanted:
+                yield decode_row(_row(table, index), keep_dtype)
+    finally:
+        del table, data
+        pa.default_memory_pool().release_unused()  # the decoded shard's buffers go back to the OS
+
+
+def _row(table: pa.Table, index: int) -> dict[str, Any]:
+    """Row `index` of a shard table; binary cells as zero-copy Arrow buffers (decode copies them once)."""
+    row = {}
+    for name, column in zip(table.column_names, table.columns):
+        cell = column[index]
+        binary = pa.types.is_binary(cell.type) or pa.types.is_large_binary(cell.type)
+        row[name] = cell.as_buffer() if binary and cell.is_valid else cell.as_py()
+    return row

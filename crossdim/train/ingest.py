@@ -40,11 +40,15 @@ def one_case_per_block(ds: Any) -> Any:
     return out
 
 
-def load_cases(name: str) -> list[Any]:
-    """This worker's share of dataset `name`, streamed from Ray Data and decoded, sorted by id."""
+def load_cases(name: str, keep_dtype: bool = False) -> list[Any]:
+    """This worker's share of dataset `name`, streamed from Ray Data and decoded, sorted by id.
+
+    With `keep_dtype` the images stay in the shards' dtype (float16 by default): the training
+    sampler casts each patch to float32 as it cuts it, so the cases a worker holds take half the
+    memory."""
     import ray.train
 
     from crossdim.data.shards import decode_row
 
     shard = ray.train.get_dataset_shard(name)
-    return sorted((decode_row(row) for row in shard.iter_rows()), key=lambda c: c.id)
+    return sorted((decode_row(row, keep_dtype) for row in shard.iter_rows()), key=lambda c: c.id)

@@ -288,7 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     autocast = autocast_factory(worker.device, dtype)
     start = time.perf_counter()
     t = setup_trainables(job, worker, dtype)
-    train_cases = load_cases("train")
+    train_cases = load_cases("train", keep_dtype=True)
     val_cases = load_cases("val")
     log.info("rank %d/%d on %s: %d train / %d val cases, starting at epoch %d (setup %.1fs)", worker.rank,
              worker.world, worker.device, len(train_cases), len(val_cases), t.state.epoch + 1,
