@@ -82,6 +82,21 @@ def test_shared_storage_rule_without_ray():
     assert "s3://" in message and "storage_shared=true" in message and "\n" not in message
 
 
+def test_a_local_tracking_store_is_refused_on_several_nodes():
+    """Rank 0 logs to MLflow from whichever node it lands on: a sqlite file on the driver's disk
+    would silently get no metrics (or another node's copy would)."""
+    s3_cfg = config("storage_path=s3://bucket/runs")
+    check_shared_storage(s3_cfg, 1, "sqlite:////tmp/mlflow.db")  # one node
+    check_shared_storage(s3_cfg, 3, "http://user:pw@mlflow.internal:5000")
+    check_shared_storage(config("storage_path=s3://bucket/runs", "storage_shared=true"), 3, "sqlite:////nfs/m.db")
+    for uri in ("sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"):
+        with pytest.raises(TrainConfigError) as info:
+            check_shared_storage(s3_cfg, 3, uri)
+        message = str(info.value)
+        assert message.startswith(f"tracking.tracking_uri '{uri}' is a store on this node") and "3 nodes" in message
+        assert "MLflow server" in message and "storage_shared=true" in message and "\n" not in message
+
+
 @pytest.mark.slow
 def test_local_storage_path_refused_before_training(cluster, tmp_path):
     import ray
@@ -121,7 +136,7 @@ def test_sweep_with_a_local_storage_path_is_refused_before_any_trial(cluster, tm
 
 
 @pytest.mark.slow
-def test_two_workers_on_two_nodes_share_s3_storage(cluster, s3, tmp_path):
+def test_two_workers_on_two_nodes_share_s3_storage(cluster, s3, mlflow_server, tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -129,7 +144,7 @@ def test_two_workers_on_two_nodes_share_s3_storage(cluster, s3, tmp_path):
 
     data = write_blob_dataset(s3.uri("shards/blobs"), cases=4, shape=(32, 32, 32), folds=2)
     cfg = fast_config(str(tmp_path), data, "multinode", *SLICES_2D, "scaling.cpus_per_worker=1",
-                      f"storage_path={s3.uri('runs')}")
+                      f"storage_path={s3.uri('runs')}", f"tracking.tracking_uri={mlflow_server}")
     result = run(cfg)
 
     nodes = train_worker_nodes()

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
@@ -146,13 +147,29 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def check_shared_storage(config: TrainConfig, nodes: int) -> None:
-    """On a cluster of several nodes every worker writes checkpoints and the driver reads them back:
-    a local storage_path is only shared when the user says it is a mount on every node."""
-    if nodes > 1 and storage.is_local(config.storage_path) and not config.storage_shared:
+def check_shared_storage(config: TrainConfig, nodes: int, tracking_uri: str | None = None) -> None:
+    """On a cluster of several nodes every worker writes checkpoints and the driver reads them back,
+    and rank 0 (on any node) logs to MLflow: a local storage_path or a local tracking store (sqlite,
+    file) is only shared when the user says it is on a mount that every node has."""
+    if nodes <= 1 or config.storage_shared:
+        return
+    if storage.is_local(config.storage_path):
         raise fail(f"storage_path {config.storage_path!r} is a local path but the Ray cluster has {nodes} nodes: "
                    "use shared storage, e.g. storage_path=s3://bucket/prefix, or set storage_shared=true "
                    "if that path is a filesystem mounted on every node")
+    if tracking_uri and is_local_tracking_store(tracking_uri):
+        from crossdim.tracking import redact_uri
+
+        raise fail(f"tracking.tracking_uri {redact_uri(tracking_uri)!r} is a store on this node but the Ray cluster "
+                   f"has {nodes} nodes and rank 0 logs from its own node: use an MLflow server "
+                   "(tracking.tracking_uri=http://host:5000 or MLFLOW_TRACKING_URI), or set storage_shared=true "
+                   "if that path is a filesystem mounted on every node")
+
+
+def is_local_tracking_store(uri: str) -> bool:
+    """sqlite:/// and file: stores and bare paths live on one machine's disk (pure)."""
+    scheme = urlparse(str(uri)).scheme.lower()
+    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # a Windows drive letter is a path
 
 
 def check_tracking(config: TrainConfig) -> str:
@@ -254,7 +271,7 @@ def prepare(config: TrainConfig, tracking: bool = True) -> PreparedRun:
         raise fail(str(exc)) from None
     check_storage(config)
     ensure_ray()
-    check_shared_storage(config, alive_nodes())
+    check_shared_storage(config, alive_nodes(), tracking_uri)
     check_cluster(config)
     datasets = open_datasets(config)
     job = WorkerJob(config=config, target=spec, in_channels=in_channels, data_spatial_dims=data_dims,

@@ -252,7 +252,7 @@ def run(config: TuneConfig, callbacks: Sequence[Any] = ()) -> SweepResult:
     plan = preflight(config)
     ensure_ray()
     nodes = node_resources()
-    check_shared_storage(config.train, len(nodes))
+    check_shared_storage(config.train, len(nodes), plan.tracking_uri)
     check_resources(candidate_configs(config), nodes)
     parent_id, prior = open_parent(config, plan)
     try:
