@@ -1,15 +1,17 @@
 """Benchmark 4 - model cost: forward+backward time and peak memory per training step.
 
 3D nets on one (1, 4, P, P, P) patch (batch 2 in --quick), 3 output channels (BraTS):
-- DX-Net: the `dxnet_brats` preset (EfficientNet-b0 inflated to 3D, full-resolution stem);
+- DX-Net: the `dxnet_brats` preset (EfficientNet-b0 inflated to 3D, full-resolution stem,
+  transposed-conv upsampling), and two ablations (info): nearest upsampling, and nearest
+  upsampling without the stem (FlexibleUNet's layout);
 - MONAI `FlexibleUNet(backbone="efficientnet-b0", spatial_dims=3, pretrained=False)`;
 - MONAI `DynUNet` configured as nnU-Net plans a P^3 patch (5 stages, strides 1,2,2,2,2,
   filters 32..320, instance norm, leaky ReLU);
 - DS-Net (`dsnet`, EfficientNet-b0) on the same patch.
 2D: Omnia-Net (EfficientNet-b0) on P slices of P x P: the same number of voxels as one patch.
 Memory: each model in its own process, the peak RSS of one step (after a warm-up step) above the
-RSS before it (VmHWM reset through /proc/self/clear_refs), or torch.cuda.max_memory_allocated
-on a GPU. Time: all models in one process, `steps` rounds of one step each, interleaved with a
+RSS before it (VmHWM reset through /proc/self/clear_refs; glibc's mmap threshold fixed, see
+EXACT_MALLOC), or torch.cuda.max_memory_allocated on a GPU. Time: all models in one process, `steps` rounds of one step each, interleaved with a
 rotating order (load changes on a shared machine hit every model alike), median per model. P is 64 on CPU (batch 1);
 `--patch96` gives the issue's 96^3 (meant for a GPU).
 Goal: DX-Net <= 1.0x FlexibleUNet-3D (time and memory).
@@ -25,7 +27,21 @@ from pydantic import BaseModel, ConfigDict
 
 from bench.common import BenchOptions, Figure, Goal, emit, median, ratio, run_child, say
 
-MODELS = ("dxnet", "flexible_unet", "dynunet", "dsnet", "omnianet_slices")
+# DX-Net ablations (info): where its extra cost over FlexibleUNet sits. FlexibleUNet upsamples by
+# interpolation and has no full-resolution stem; the dxnet_brats preset (the paper's layout) has
+# transposed-conv upsampling and a 16-channel full-resolution stem feeding the encoder and the
+# last decoder block.
+DXNET_VARIANTS = {
+    "dxnet": {},
+    "dxnet_nearest": {"upsample": "nearest"},
+    "dxnet_nostem_nearest": {"upsample": "nearest", "stem_channels": 0},
+}
+# glibc otherwise raises its mmap threshold as big blocks are freed and keeps later ones on the
+# heap, so a step's peak RSS depends on what the warm-up step left behind (the same model measured
+# 178 and 237 MiB). A fixed threshold maps every block >= 128 KiB afresh and unmaps it when freed:
+# the peak RSS of a step is then its peak of live tensors.
+EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+MODELS = (*DXNET_VARIANTS, "flexible_unet", "dynunet", "dsnet", "omnianet_slices")
 IN_CHANNELS, NUM_CLASSES = 4, 3
 
 
@@ -61,10 +77,11 @@ def build(name: str, s: CostSettings) -> tuple[Any, tuple[int, ...]]:
     from crossdim.models import create_model
 
     volume = (s.batch, IN_CHANNELS, s.patch, s.patch, s.patch)
-    if name == "dxnet":
+    if name in DXNET_VARIANTS:
         if s.encoder == "efficientnet_b0":
-            return create_model("dxnet_brats", pretrained=False), volume
-        return create_model("dxnet", encoder=s.encoder, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES), volume
+            return create_model("dxnet_brats", pretrained=False, **DXNET_VARIANTS[name]), volume
+        return create_model("dxnet", encoder=s.encoder, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES,
+                            **DXNET_VARIANTS[name]), volume
     if name == "flexible_unet":
         from monai.networks.nets import FlexibleUNet
 
@@ -202,6 +219,11 @@ def figures(costs: dict[str, Cost]) -> list[Figure]:
         Figure("model_dxnet_vs_flexible_unet_memory", ratio(dx.peak_mib, flex.peak_mib, "flexible_unet memory"),
                "x", Goal("<=", 1.0)),
     ]
+    for variant in list(DXNET_VARIANTS)[1:]:
+        c = costs[variant]
+        out.append(Figure(f"model_{variant}_vs_flexible_unet_time", ratio(c.seconds, flex.seconds, "time"), "x"))
+        out.append(Figure(f"model_{variant}_vs_flexible_unet_memory", ratio(c.peak_mib, flex.peak_mib, "memory"),
+                          "x"))
     for other in ("dynunet", "dsnet", "omnianet_slices"):
         c = costs[other]
         out.append(Figure(f"model_dxnet_vs_{other}_time", ratio(dx.seconds, c.seconds, f"{other} time"), "x"))
@@ -214,7 +236,8 @@ def run(opts: BenchOptions) -> list[Figure]:
     memory = {}
     for name in MODELS:
         say(f"model_cost: memory of {name} at {s.patch}^3")
-        memory[name] = run_child("bench.model_cost.measure_memory", {"name": name, **s.model_dump()}, opts.threads)
+        memory[name] = run_child("bench.model_cost.measure_memory", {"name": name, **s.model_dump()}, opts.threads,
+                                 env=EXACT_MALLOC)
     say(f"model_cost: step times, {s.steps} interleaved rounds")
     times = run_child("bench.model_cost.measure_times", {"names": list(MODELS), **s.model_dump()}, opts.threads)
     costs = {name: Cost(median(times.result[name]), memory[name].result["peak_mib"], memory[name].result)

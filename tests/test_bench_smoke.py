@@ -15,7 +15,7 @@ import pytest
 from bench.common import BenchError, Figure, Goal, TreeMemorySampler, ratio, run_child, stream_child
 from bench.model_cost import dynunet_plan
 from bench.run_all import summary
-from bench.transfer import Curve, TransferSettings, mean_dice, steps_ratio, zscore_nonzero
+from bench.transfer import Curve, TransferSettings, mean_dice, median_or_none, median_ratio, steps_ratio, texture_case
 
 
 def test_figure_lines_say_missed_only_when_a_goal_is_missed():
@@ -120,14 +120,23 @@ def test_mean_dice_bounds_and_empty_masks():
     assert 0.5 < mean_dice(half, target) < 0.8  # 2|A|/(|A|+2|A|) = 2/3 in expectation
 
 
-def test_zscore_nonzero_leaves_background_and_standardises_foreground():
-    image = np.zeros((2, 6, 6, 6), np.float32)
-    image[:, 1:5, 1:5, 1:5] = np.random.default_rng(1).normal(500, 40, (2, 4, 4, 4))
-    out = zscore_nonzero(image)
-    inside = out[:, 1:5, 1:5, 1:5].reshape(2, -1)
-    np.testing.assert_allclose(inside.mean(1), 0, atol=1e-5)
-    np.testing.assert_allclose(inside.std(1), 1, atol=1e-4)
-    assert (out[image == 0] == 0).all()
+def test_texture_task_is_not_separable_by_intensity_but_by_orientation():
+    """Objects and background share mean and spread; only the stripes' direction differs."""
+    volume = texture_case(np.random.default_rng(0), 32, noise=0.0, drift=0.0)
+    image, label = volume.image[0], volume.label.astype(bool)
+    assert volume.image.shape == (1, 32, 32, 32) and 0.02 < label.mean() < 0.5
+    assert abs(image[label].mean() - image[~label].mean()) < 0.15
+    assert abs(image[label].std() - image[~label].std()) < 0.1
+
+    def energy(axis: int, mask: np.ndarray) -> float:  # mean squared difference along one in-plane axis
+        head = tuple(slice(0, -1) if i == axis else slice(None) for i in range(3))
+        return float((np.diff(image, axis=axis)[mask[head]] ** 2).mean())
+
+    core = label.copy()
+    for axis in range(3):  # away from the border, where the differences mix both textures
+        core &= np.roll(label, 1, axis) & np.roll(label, -1, axis)
+    outside = ~(label | np.roll(label, 1, 0) | np.roll(label, 1, 1) | np.roll(label, -1, 0) | np.roll(label, -1, 1))
+    assert energy(0, core) < 0.5 * energy(1, core) and energy(0, outside) > 2 * energy(1, outside)
 
 
 def test_steps_ratio_uses_the_cap_as_an_upper_bound_only_for_the_baseline():
@@ -137,3 +146,29 @@ def test_steps_ratio_uses_the_cap_as_an_upper_bound_only_for_the_baseline():
     bound = steps_ratio("r", reached, missed, s, Goal("<=", 0.5))
     assert bound.value == 0.2 and "upper bound" in bound.note and not bound.missed
     assert steps_ratio("r", missed, reached, s, Goal("<=", 0.5)).missed
+
+
+
+def test_medians_over_seeds_rank_a_missed_target_last():
+    assert median_or_none([10, None, 30]) == 30 and median_or_none([None, None, 5]) is None
+    assert median_or_none([8, 12]) == 10 and median_or_none([8, None]) is None
+    s = TransferSettings(max_steps=100)
+    runs = [{"a": Curve(10, [], 1.0), "b": Curve(40, [], 1.0)}, {"a": Curve(20, [], 1.0), "b": Curve(None, [], 1.0)},
+            {"a": Curve(30, [], 1.0), "b": Curve(30, [], 1.0)}]
+    figure = median_ratio("r", "a", "b", runs, s, Goal("<=", 0.5))
+    assert figure.value == 0.25 and "per seed 0.25, 0.20, 1.00" in figure.note and not figure.missed
+
+def test_preprocess_cpu_groups_and_the_machine_bound():
+    from bench.preprocess_scaling import CpuUse, cpu_figures, cpu_group
+
+    assert cpu_group(7, 7, "python -m bench.run_all") == "driver"
+    assert cpu_group(8, 7, "ray::MapBatches(_process_item)") == "ray workers"
+    assert cpu_group(9, 7, "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --foo") == "ray daemons"
+    assert cpu_group(10, 7, "sshd: root") == "other"
+    groups = {"ray workers": 10.0, "driver": 4.0, "ray daemons": 2.0, "other": 0.0}
+    runs = {1: [(10.0, CpuUse(16.0, groups))], 2: [(8.0, CpuUse(16.0, groups))]}
+    figures = {f.name: f for f in cpu_figures(runs, cores=2)}
+    assert figures["preprocess_concurrency1_busy_cores"].value == 1.6
+    assert figures["preprocess_concurrency2_busy_cores"].value == 2.0
+    assert figures["preprocess_scaling_bound_this_machine"].value == 1.25  # 2 cores / 1.6 busy
+    assert figures["preprocess_scaling_bound_this_machine"].goal is None
