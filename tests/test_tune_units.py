@@ -278,7 +278,13 @@ def test_outcomes_callback_records_stopped_and_failed_trials(local_mlflow, tmp_p
     from mlflow.tracking import MlflowClient
 
     from crossdim.tune.outcomes import TrialOutcomes
-    from crossdim.tune.runs import child_by_trial, find_or_create_child, mark_trial, start_or_resume_parent
+    from crossdim.tune.runs import (
+        child_by_trial,
+        find_or_create_child,
+        mark_trial,
+        note_failure,
+        start_or_resume_parent,
+    )
 
     storage = str(tmp_path / "results")
     parent, _ = start_or_resume_parent(local_mlflow, "exp", storage, "sw", {})
@@ -295,6 +301,23 @@ def test_outcomes_callback_records_stopped_and_failed_trials(local_mlflow, tmp_p
     mark_trial(local_mlflow, done, "finished")
     callback.on_trial_complete(0, [], FakeTrial("b", {"epoch": 0.0}))  # ended by the trial itself: unchanged
     assert client.get_run(done).data.tags["crossdim.trial_status"] == "finished"
+
+    # a trial that raised while the scheduler stopped it noted a reason: still stopped_early, reason dropped
+    torn_down = find_or_create_child(local_mlflow, "exp", parent, "sw", "d", "sw_d", storage, {})
+    note_failure(local_mlflow, torn_down, "RayTaskError: interrupted")
+    callback.on_trial_complete(0, [], FakeTrial("d", {"epoch": 0.0}))
+    run = client.get_run(torn_down)
+    assert run.info.status == "KILLED" and run.data.tags["crossdim.trial_status"] == "stopped_early"
+    assert "crossdim.failure_reason" not in run.data.tags
+
+    # a trial that failed noted its reason; the callback ends the run FAILED with it
+    noted = find_or_create_child(local_mlflow, "exp", parent, "sw", "e", "sw_e", storage, {})
+    note_failure(local_mlflow, noted, "ValueError: cannot inflate test_nfnet")
+    assert client.get_run(noted).info.status == "RUNNING"
+    callback.on_trial_error(0, [], FakeTrial("e", error_file=str(tmp_path / "missing.txt")))
+    run = client.get_run(noted)
+    assert run.info.status == "FAILED" and run.data.tags["crossdim.trial_status"] == "failed"
+    assert run.data.tags["crossdim.failure_reason"] == "ValueError: cannot inflate test_nfnet"
 
     error_file = tmp_path / "error.txt"
     error_file.write_text("Traceback (most recent call last):\n  ...\nray.exceptions.RayActorError: The actor died\n")

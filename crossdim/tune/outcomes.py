@@ -1,11 +1,12 @@
-"""A Tune callback (driver side) that records outcomes the trial itself cannot record.
+"""A Tune callback (driver side): the one writer of a trial's outcome, unless the trial finished.
 
-A trial stopped by the scheduler (ASHA) or whose actor died is killed from outside, so its child run
-would stay RUNNING: on `on_trial_complete` / `on_trial_error` this callback tags it
-`stopped_early` (run KILLED, with the epochs reached) or `failed` (run FAILED, one-line reason).
-Runs the trial already ended itself (finished, or failed with its reason) are left as they are; a
-trial that failed before opening its child run (e.g. the tracking server was down) gets one here,
-so every trial of the sweep has a record.
+A trial stopped by the scheduler (ASHA) or whose actor died is killed from outside, and a failing
+trial only notes its reason (`runs.note_failure`), so its child run is still RUNNING: on
+`on_trial_complete` / `on_trial_error` this callback tags it `stopped_early` (run KILLED, with the
+epochs reached; a reason noted while the trial was being torn down is dropped) or `failed` (run
+FAILED, the reason the trial noted, else the first line of Tune's error file). Runs the trial
+ended itself (finished) are left as they are; a trial that failed before opening its child run
+(e.g. the tracking server was down) gets one here, so every trial of the sweep has a record.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 
 from ray.tune import Callback
 
-from crossdim.tune.runs import FAILED, STOPPED_EARLY, child_by_trial, find_or_create_child, mark_trial
+from crossdim.tune.runs import (
+    FAILED,
+    REASON_TAG,
+    STOPPED_EARLY,
+    child_by_trial,
+    find_or_create_child,
+    mark_trial,
+)
 
 
 class TrialOutcomes(Callback):
@@ -39,11 +47,12 @@ class TrialOutcomes(Callback):
 
         run = child_by_trial(self.tracking_uri, self.experiment, self.storage_path, self.parent_run_id, trial.trial_id)
         if run is not None and run.info.status != "RUNNING":
-            return  # the trial recorded its own failure
+            return  # already ended (a finished run is not overwritten)
         run_id = run.info.run_id if run is not None else find_or_create_child(
             self.tracking_uri, self.experiment, self.parent_run_id, self.sweep, trial.trial_id,
             trial_name(self.sweep, trial.trial_id), self.storage_path, dict(trial.config))
-        mark_trial(self.tracking_uri, run_id, FAILED, reason=error_line(trial))
+        noted = run.data.tags.get(REASON_TAG) if run is not None else None
+        mark_trial(self.tracking_uri, run_id, FAILED, reason=noted or error_line(trial))
 
 
 def error_line(trial: Any) -> str:

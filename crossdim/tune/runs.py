@@ -8,6 +8,10 @@
   A resumed trial therefore never makes a second child run.
 - Trial outcome tags: `crossdim.trial_status` (finished | stopped_early | failed) and
   `crossdim.failure_reason` (one line); stopped-early runs end KILLED, failed ones FAILED.
+  A trial ends its own run only when it finished; a failing trial records just its reason
+  (`note_failure`) and the driver's `TrialOutcomes` ends the run. A trial that the scheduler
+  stops can raise while it is torn down: were it to mark itself failed, it would race the
+  driver's `stopped_early` (seen once: a run KILLED but tagged failed).
 """
 
 from __future__ import annotations
@@ -83,10 +87,19 @@ def child_by_trial(uri: str, experiment: str, storage_path: str, parent_id: str,
     return find_run(uri, exp, f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'")
 
 
+def note_failure(uri: str, run_id: str, reason: str) -> None:
+    """A failing trial's one-line reason on its (still running) child run; the outcome is the driver's."""
+    client(uri).set_tag(run_id, REASON_TAG, reason[:500])
+
+
 def mark_trial(uri: str, run_id: str, status: str, reason: str | None = None,
                extra: dict[str, str] | None = None) -> None:
-    """Record a trial's outcome on its child run and end the run."""
+    """Record a trial's outcome on its child run and end the run. A reason noted by an attempt that
+    did not end the trial (torn down by the scheduler, or by an interrupted sweep that was
+    resumed) is dropped from a run that did not fail."""
     mlflow = client(uri)
+    if status != FAILED and REASON_TAG in mlflow.get_run(run_id).data.tags:
+        mlflow.delete_tag(run_id, REASON_TAG)
     tags = {STATUS_TAG: status, **(extra or {})}
     if reason:
         tags[REASON_TAG] = reason[:500]

@@ -8,8 +8,9 @@ in seconds) -> `start_tracking` (adopts the child run) -> `build_trainer` with T
 
 A restored (interrupted) trial reruns this function: the child run is found by its trial id and
 Ray Train resumes the trial's run from its last checkpoint (same run name and storage path).
-A failure is recorded on the child run (status FAILED, `crossdim.failure_reason`) and re-raised
-as `TrialFailed` with that one line, which is what Tune keeps as the trial's error.
+A failure's one-line reason is noted on the child run (`crossdim.failure_reason`) and re-raised
+as `TrialFailed` with that line, which is what Tune keeps as the trial's error; the driver's
+`TrialOutcomes` then ends the run FAILED (or `stopped_early`, when the scheduler was stopping it).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def train_with_tune(config: TrainConfig, tracking_uri: str, run_id: str) -> None
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from crossdim.train import build_trainer, finish, prepare, start_tracking
-    from crossdim.tune.runs import FAILED, FINISHED, MODEL_URI_TAG, mark_trial
+    from crossdim.tune.runs import FINISHED, MODEL_URI_TAG, mark_trial, note_failure
 
     try:
         prepared = prepare(config)
@@ -88,8 +89,8 @@ def train_with_tune(config: TrainConfig, tracking_uri: str, run_id: str) -> None
             raise TrialFailed(f"training job opened MLflow run {prepared.job.run_id}, not the trial's child run {run_id}")
         result = build_trainer(prepared, callbacks=[TuneReportCallback()]).fit()
         summary = finish(prepared, result)
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded on the child run, then re-raised
+    except Exception as exc:  # noqa: BLE001 - every failure's reason is recorded on the child run, then re-raised
         reason = one_line_reason(exc)
-        mark_trial(tracking_uri, run_id, FAILED, reason)
+        note_failure(tracking_uri, run_id, reason)  # TrialOutcomes ends the run: failed, or stopped_early
         raise TrialFailed(reason) from None
     mark_trial(tracking_uri, run_id, FINISHED, extra={MODEL_URI_TAG: summary.model_uri or ""})
