@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.servers import BIN, free_port
+from tests.servers import BIN, free_ports
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -68,11 +68,12 @@ def stop_cluster(temp_dir: Path, gcs_port: int) -> None:
         time.sleep(wait)
 
 
-def own_ports() -> list[str]:
-    """Free ports for the services that default to fixed ones (another Ray on the machine holds those)."""
+def own_ports(ports: list[int]) -> list[str]:
+    """Flags giving the services that default to fixed ports (another Ray on the machine holds
+    those) 5 of the distinct free `ports`."""
     flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
              "metrics-export-port", "ray-client-server-port")
-    return [f"--{flag}={free_port()}" for flag in flags]
+    return [f"--{flag}={port}" for flag, port in zip(flags, ports, strict=True)]
 
 
 @pytest.fixture
@@ -84,12 +85,12 @@ def ray_head(moto_s3, mlflow_server, tmp_path):
                 "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
                 "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "CROSSDIM_CACHE_DIR": str(tmp_path / "model-cache")})
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
+    port, dashboard, *others = free_ports(7)
     temp_dir = Path("/tmp") / f"ray-e2e-{os.getpid()}-{port}"  # short: Ray's socket paths are length-limited
     try:
         started = _ray(["start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
-                        "--include-dashboard=true", "--disable-usage-stats", *own_ports()], env, timeout=240)
+                        "--include-dashboard=true", "--disable-usage-stats", *own_ports(others)], env, timeout=240)
         assert started.returncode == 0, started.stderr[-3000:]
         env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
         yield env
